@@ -243,6 +243,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"invalid value for {path}: {value!r} (expected an integer)")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"invalid value for {path}: {value!r} (expected a number)")
         return float(value)

@@ -1,0 +1,58 @@
+"""The run configuration: YAML + overrides round trip, and errors that name the field and value."""
+
+import pytest
+
+from sfpo_jax.train.config import Config, ConfigError, load_config, save_config
+
+
+def test_defaults_are_the_paper_settings():
+    cfg = Config()
+    assert (cfg.sfpo.num_fast_steps, cfg.sfpo.alpha) == (3, 0.8)
+    assert (cfg.sfpo.entropy_window, cfg.sfpo.entropy_threshold) == (30, 1.0)
+    assert (cfg.optim.learning_rate, cfg.optim.weight_decay, cfg.optim.max_grad_norm) == (1e-6, 0.01, 1.0)
+    assert (cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.num_minibatches) == (256, 8, 4)
+    assert (cfg.loss.clip_low, cfg.loss.agg, cfg.loss.entropy_coef, cfg.loss.kl_coef) == (0.2, "token-mean", 1e-3, 0)
+
+
+def test_grpo_is_sfpo_with_no_fast_steps():
+    assert load_config(None, ["algo=grpo"]).num_fast_steps == 0
+    assert load_config(None, ["algo=sfpo", "sfpo.num_fast_steps=5"]).num_fast_steps == 5
+
+
+def test_yaml_and_overrides_round_trip(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("algo: grpo\nsfpo: {alpha: 0.5}\nrollout: {prompts_per_step: 8, num_minibatches: 2}\n")
+    cfg = load_config(path, ["sfpo.entropy_window=null", "optim.learning_rate=3e-5", "task.kwargs={digits: 2}"])
+    assert cfg.algo == "grpo" and cfg.sfpo.alpha == 0.5 and cfg.sfpo.entropy_window is None
+    assert cfg.optim.learning_rate == 3e-5 and cfg.task.kwargs == {"digits": 2}
+    assert isinstance(cfg.sfpo.alpha, float)
+    save_config(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sfpo.alpha=1.5", "sfpo.alpha: 1.5"),
+        ("sfpo.num_fast_steps=-1", "sfpo.num_fast_steps: -1"),
+        ("sfpo.entropy_window=1", "sfpo.entropy_window: 1"),
+        ("sfpo.entropy_threshold=.inf", "sfpo.entropy_threshold: inf"),
+        ("sfpo.alpah=0.5", "unknown field(s) ['alpah'] in section 'sfpo'"),
+        ("rollout.group_size=eight", "rollout.group_size: 'eight' (expected an integer)"),
+        ("rollout.group_size=true", "rollout.group_size: True (expected an integer)"),
+        ("rollout.num_minibatches=3", "must divide rollout.prompts_per_step=256"),
+        ("loss.agg=sum", "loss.agg: 'sum' (expected one of"),
+        ("algo=ppo", "algo: 'ppo'"),
+        ("nosuchsection.x=1", "unknown field(s) ['nosuchsection']"),
+        ("sfpo", "not of the form section.field=value"),
+    ],
+)
+def test_errors_name_field_and_value(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")
