@@ -1,0 +1,293 @@
+"""SFPO transform: the three stages against an explicit float64 NumPy loop, K = 0 bit for bit, memory, errors."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sfpo_jax.optim import SFPOState, calls_per_batch, sfpo, sfpo_active
+
+SHAPES = {"b": (3,), "w": (2, 4)}  # leaves in jax.tree order (sorted keys)
+DIM = sum(int(np.prod(s)) for s in SHAPES.values())
+NUM_BATCHES = 3
+LR = 0.05
+
+
+# ---------------------------------------------------------------- float64 NumPy reference
+
+
+def quadratic_data(num_batches: int, num_minibatches: int, seed: int = 0):
+    """Per (batch, mini-batch): A [5, DIM], y [5]; the loss is 0.5·||A θ − y||²."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(num_batches, num_minibatches, 5, DIM)), rng.normal(size=(num_batches, num_minibatches, 5))
+
+
+def np_grad(theta, a, y):
+    return a.T @ (a @ theta - y)
+
+
+class NpSGD:
+    def __init__(self):
+        self.lr = LR
+
+    def __call__(self, g, theta):
+        return -self.lr * g
+
+
+class NpAdamW:
+    """optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2), written out."""
+
+    def __init__(self, clip: float | None = None):
+        self.m = self.v = 0.0
+        self.t = 0
+        self.clip = clip
+
+    def __call__(self, g, theta):
+        if self.clip is not None:
+            norm = np.sqrt(np.sum(g * g))
+            g = g if norm < self.clip else g / norm * self.clip
+        self.t += 1
+        self.m = 0.9 * self.m + 0.1 * g
+        self.v = 0.999 * self.v + 0.001 * g * g
+        m_hat, v_hat = self.m / (1 - 0.9**self.t), self.v / (1 - 0.999**self.t)
+        return -LR * (m_hat / (np.sqrt(v_hat) + 1e-8) + 1e-2 * theta)
+
+
+NP_INNER = {"sgd": NpSGD, "adamw": NpAdamW, "clip_adamw": functools.partial(NpAdamW, clip=0.5)}
+OPTAX_INNER = {
+    "sgd": lambda: optax.sgd(LR),
+    "adamw": lambda: optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2),
+    "clip_adamw": lambda: optax.chain(
+        optax.clip_by_global_norm(0.5), optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2)
+    ),
+}
+
+
+def reference_trajectory(inner, theta, data, num_fast_steps, alphas, num_minibatches):
+    """The three stages, one epoch of M inner steps per arrow; returns θ after every batch."""
+    a_all, y_all = data
+    out = []
+    for b in range(a_all.shape[0]):
+        slow = theta.copy()
+        for _ in range(num_fast_steps):  # stage I: fast trajectory
+            for j in range(num_minibatches):
+                theta = theta + inner(np_grad(theta, a_all[b, j], y_all[b, j]), theta)
+        theta = slow + alphas[b] * (theta - slow)  # stage II: reposition
+        for j in range(num_minibatches):  # stage III: slow correction
+            theta = theta + inner(np_grad(theta, a_all[b, j], y_all[b, j]), theta)
+        out.append(theta.copy())
+    return np.stack(out)
+
+
+def flatten(tree) -> np.ndarray:
+    return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
+
+
+def unflatten(vec) -> dict:
+    out, i = {}, 0
+    for k, s in SHAPES.items():
+        n = int(np.prod(s))
+        out[k] = jnp.asarray(vec[i : i + n].reshape(s))
+        i += n
+    return out
+
+
+def jax_grad(params, a, y):
+    theta = jnp.concatenate([params[k].ravel() for k in SHAPES])
+    g = a.T @ (a @ theta - y)
+    return unflatten_jnp(g)
+
+
+def unflatten_jnp(vec):
+    out, i = {}, 0
+    for k, s in SHAPES.items():
+        n = int(np.prod(s))
+        out[k] = vec[i : i + n].reshape(s)
+        i += n
+    return out
+
+
+@functools.cache
+def x64_step(inner_name: str, num_fast_steps: int, num_minibatches: int):
+    """One jitted update + apply, alpha a traced argument so that every alpha reuses one compilation."""
+
+    def step(params, state, a, y, alpha):
+        tx = optax.chain(OPTAX_INNER[inner_name](), sfpo(num_fast_steps, alpha, num_minibatches))
+        updates, state = tx.update(jax_grad(params, a, y), state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step)
+
+
+def run_transform(inner_name, theta0, data, num_fast_steps, alpha, num_minibatches, schedule=None):
+    """Drive chain(inner, sfpo) the way a training loop does; returns params after every batch (float64)."""
+    a_all, y_all = data
+    tx = optax.chain(OPTAX_INNER[inner_name](), sfpo(num_fast_steps, schedule or alpha, num_minibatches))
+    params = unflatten(theta0)
+    state = tx.init(params)
+    if schedule is None:
+        step = x64_step(inner_name, num_fast_steps, num_minibatches)
+        call = lambda p, s, a, y: step(p, s, a, y, jnp.float64(alpha))
+    else:
+        update = jax.jit(tx.update)
+
+        def call(p, s, a, y):
+            u, s = update(jax_grad(p, a, y), s, p)
+            return optax.apply_updates(p, u), s
+
+    out = []
+    for b in range(a_all.shape[0]):
+        n = calls_per_batch(state)
+        assert n == (num_fast_steps + 1) * num_minibatches
+        for i in range(n):
+            j = i % num_minibatches
+            params, state = call(params, state, jnp.asarray(a_all[b, j]), jnp.asarray(y_all[b, j]))
+        out.append(flatten(params))
+    return np.stack(out), state
+
+
+# ---------------------------------------------------------------- trajectories to 1e-9
+
+
+@pytest.mark.parametrize("inner_name", ["sgd", "adamw", "clip_adamw"])
+@pytest.mark.parametrize("num_fast_steps", [0, 1, 3])
+@pytest.mark.parametrize("num_minibatches", [1, 2, 4])
+def test_matches_float64_reference(inner_name, num_fast_steps, num_minibatches):
+    data = quadratic_data(NUM_BATCHES, num_minibatches)
+    theta0 = np.random.default_rng(1).normal(size=DIM)
+    with jax.enable_x64(True):
+        for alpha in (0.0, 0.5, 0.8, 1.0):
+            got, state = run_transform(inner_name, theta0, data, num_fast_steps, alpha, num_minibatches)
+            want = reference_trajectory(
+                NP_INNER[inner_name](), theta0.copy(), data, num_fast_steps, [alpha] * NUM_BATCHES, num_minibatches
+            )
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=f"alpha={alpha}")
+            sfpo_state = next(s for s in state if isinstance(s, SFPOState))
+            assert int(sfpo_state.num_batches) == NUM_BATCHES and int(sfpo_state.count) == 0
+
+
+@pytest.mark.parametrize("inner_name", ["sgd", "adamw"])
+def test_alpha_schedule_is_read_at_the_batch_count(inner_name):
+    num_batches, num_fast_steps, num_minibatches = 4, 2, 2
+    data = quadratic_data(num_batches, num_minibatches, seed=3)
+    theta0 = np.random.default_rng(4).normal(size=DIM)
+    schedule = optax.linear_schedule(init_value=1.0, end_value=0.25, transition_steps=3)
+    with jax.enable_x64(True):
+        got, _ = run_transform(inner_name, theta0, data, num_fast_steps, None, num_minibatches, schedule=schedule)
+        # The transform reads the schedule at its int32 batch counter under jit, where XLA may round the float32
+        # schedule differently from eager mode (~1e-8); the reference reads it the same way.
+        alphas = [float(jax.jit(schedule)(jnp.asarray(b, jnp.int32))) for b in range(num_batches)]
+    np.testing.assert_allclose(alphas, [1.0, 0.75, 0.5, 0.25], rtol=1e-6)
+    want = reference_trajectory(NP_INNER[inner_name](), theta0, data, num_fast_steps, alphas, num_minibatches)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_single_fast_call_stores_and_repositions_in_one_call():
+    # K·M = 1: call 0 is also the last fast call; the first fast step is then scaled by alpha exactly.
+    tx = optax.chain(optax.sgd(1.0), sfpo(1, 0.25, entropy_window=None))
+    params = {"w": jnp.array([1.0, -2.0])}
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.array([0.5, 1.0])}, state, params)
+    np.testing.assert_allclose(updates["w"], [-0.125, -0.25], rtol=1e-6)
+    assert calls_per_batch(state) == 1
+
+
+# ---------------------------------------------------------------- K = 0 is the inner optimizer
+
+
+def test_zero_fast_steps_is_the_inner_optimizer_bit_for_bit():
+    inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-3, weight_decay=0.1))
+    tx = optax.chain(inner, sfpo(0, 0.3, num_minibatches=2))
+    params = {"w": jax.random.normal(jax.random.key(0), (4, 5)), "b": jnp.linspace(-1, 1, 5)}
+
+    def run(tx):
+        def step(p, s, g):
+            u, s = tx.update(g, s, p, entropy=jnp.float32(1.0))
+            return optax.apply_updates(p, u), s
+
+        step = jax.jit(step)
+        p, s = params, tx.init(params)
+        for i in range(7):
+            g = jax.tree.map(functools.partial(lambda k, x: jnp.sin(x * k), i + 1), p)
+            p, s = step(p, s, g)
+        return p, s
+
+    got, state = run(tx)
+    want, _ = run(optax.with_extra_args_support(inner))
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+    assert calls_per_batch(state) == 1  # 7 calls, batches of M = 2: one call left in the current batch
+    assert not sfpo_active(state)
+
+
+def test_zero_fast_steps_passes_the_updates_object_through():
+    tx = sfpo(0)
+    params = {"w": jnp.ones(3)}
+    updates = {"w": jnp.arange(3.0)}
+    out, _ = tx.update(updates, tx.init(params), params)
+    assert out is updates
+
+
+# ---------------------------------------------------------------- memory: one parameter-sized buffer
+
+
+def tree_bytes(tree) -> int:
+    return sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree))
+
+
+def test_state_holds_exactly_one_parameter_copy_beyond_the_inner_state():
+    params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros((32,)), "e": jnp.zeros((100, 8), jnp.bfloat16)}
+    inner = optax.adamw(1e-3)
+    base = tree_bytes(inner.init(params))
+    with_sfpo = optax.chain(inner, sfpo(3, 0.8, entropy_window=30)).init(params)
+    extra = tree_bytes(with_sfpo) - base
+    scalars = 4 * 4 + 1 + 30 * 4  # count, cycle_length, num_batches, entropy_count; active; the entropy window
+    assert extra == tree_bytes(params) + scalars
+    slow = with_sfpo[1].slow_params
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), slow) == jax.tree.map(lambda x: (x.shape, x.dtype), params)
+    # K = 0 keeps nothing parameter-sized.
+    assert tree_bytes(optax.chain(inner, sfpo(0)).init(params)) - base < 64
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_fast_steps": -1}, "num_fast_steps=-1"),
+        ({"num_fast_steps": 1.5}, "num_fast_steps=1.5"),
+        ({"alpha": 1.5}, "alpha=1.5"),
+        ({"alpha": -0.1}, "alpha=-0.1"),
+        ({"alpha": float("nan")}, "alpha=nan"),
+        ({"alpha": "big"}, "alpha='big'"),
+        ({"num_minibatches": 0}, "num_minibatches=0"),
+        ({"entropy_window": 1}, "entropy_window=1"),
+        ({"entropy_threshold": float("inf")}, "entropy_threshold=inf"),
+        ({"entropy_threshold": float("nan")}, "entropy_threshold=nan"),
+    ],
+)
+def test_bad_arguments_raise_naming_argument_and_value(kwargs, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(".", r"\.")):
+        sfpo(**kwargs)
+
+
+def test_missing_params_raises():
+    tx = optax.chain(optax.sgd(0.1), sfpo(2, 0.5))
+    params = {"w": jnp.ones(2)}
+    with pytest.raises(ValueError, match="params"):
+        tx.update(params, tx.init(params))
+
+
+def test_calls_per_batch_needs_exactly_one_sfpo_state():
+    params = {"w": jnp.ones(2)}
+    with pytest.raises(ValueError, match="found 0"):
+        calls_per_batch(optax.adamw(1e-3).init(params))
+    two = optax.chain(sfpo(1), sfpo(2)).init(params)
+    with pytest.raises(ValueError, match="found 2"):
+        sfpo_active(two)
