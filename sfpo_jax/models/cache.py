@@ -1,0 +1,52 @@
+"""The key/value cache for incremental decoding: a plain pytree that crosses jit boundaries and can be donated."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for a batch of sequences, written slot by slot.
+
+    All rows share the write position `index`: a left-padded prompt fills slots `[0, T)` with its padding
+    masked out, and every decode step then writes one slot for all rows.
+
+    Attributes:
+      k, v: `[num_layers, B, S, num_kv_heads, head_dim]`, keys after RoPE (and q/k norm), values.
+      mask: `[B, S] bool`, whether a slot holds a real token (padding and unwritten slots are False).
+      num_tokens: `[B] int32`, real tokens stored per row; the next token's RoPE position.
+      index: `int32` scalar, the next slot to write, shared by all rows.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    num_tokens: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(cls, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
+             dtype=jnp.float32) -> KVCache:
+        """An empty cache of `max_length` slots per row."""
+        shape = (num_layers, batch_size, max_length, num_kv_heads, head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            mask=jnp.zeros((batch_size, max_length), jnp.bool_),
+            num_tokens=jnp.zeros((batch_size,), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+    @staticmethod
+    def logical_axes() -> KVCache:
+        """Logical axis names of each field, e.g. for `jax.tree.map(f, cache, KVCache.logical_axes())`
+        (the cache's leaves are a prefix of this tree, so `f` receives each field's tuple of names)."""
+        kv = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+        return KVCache(k=kv, v=kv, mask=("batch", "cache_seq"), num_tokens=("batch",), index=())

@@ -1,0 +1,257 @@
+"""Flax NNX decoder-only LM covering Qwen2 / Qwen2.5, Qwen3 and Llama 3, numerically matching transformers.
+
+Parameter names mirror the Hugging Face module tree (`layers[i].self_attn.q_proj.kernel` ↔
+`model.layers.{i}.self_attn.q_proj.weight`), so checkpoint mapping stays a table (see `checkpoint.py`).
+Every parameter carries logical axis names in its `out_sharding` metadata (`nnx.get_partition_spec`); the
+rules in `sfpo_jax.parallel` turn them into mesh shardings, so model code never mentions devices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from sfpo_jax.models.cache import KVCache
+from sfpo_jax.models.config import ModelConfig
+
+# Masked attention scores: large and finite, so a query with no visible key (a padding row) gives a uniform
+# softmax instead of NaN.
+_MASK_VALUE = -1e30
+_INIT_STD = 0.02
+
+
+def _param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
+    # eager_sharding=False: the logical names are metadata only; `sfpo_jax.parallel` maps them to a mesh.
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies `[head_dim // 2] float32` from `rope_theta` and `rope_scaling` (HF semantics,
+    including the `llama3` frequency-dependent scaling)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths (low frequencies) are divided by `factor`, short ones kept, the band between blended.
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates `x [B, T, heads, head_dim]` by `positions [B, T]` (HF `rotate_half` layout: the two halves of
+    head_dim are the real and imaginary parts)."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class RMSNorm(nnx.Module):
+    """`scale * x / rms(x)` over the last axis, normalised in float32 and scaled in the compute dtype (as HF)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, dtype, axis_name: str = "norm"):
+        self.scale = _param(jnp.ones((dim,), param_dtype), (axis_name,))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * xf.astype(self.dtype)
+
+
+class Dense(nnx.Module):
+    """Contracts the trailing `len(in_shape)` axes of x with a kernel `[*in_shape, *out_shape]` (+ bias)."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], in_axes: tuple[str, ...],
+                 out_axes: tuple[str, ...], *, use_bias: bool, param_dtype, dtype, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(_INIT_STD)
+        self.kernel = _param(init(rngs.params(), (*in_shape, *out_shape), param_dtype), (*in_axes, *out_axes))
+        self.bias = _param(jnp.zeros(out_shape, param_dtype), out_axes) if use_bias else None
+        self.n_in = len(in_shape)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        dims = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = lax.dot_general(x, self.kernel[...].astype(self.dtype), (dims, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention without repeating k/v.
+
+    Args:
+      q: `[B, T, H, D]`; k, v: `[B, S, KVH, D]` with H a multiple of KVH.
+      mask: `[B, T, S] bool`, whether query t may attend to key s.
+    Returns:
+      `[B, T, H, D]` in v's dtype; scores and softmax in float32.
+    """
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+        e, h, kvh, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.q_proj = Dense((e,), (h, d), ("embed",), ("heads", "head_dim"), use_bias=cfg.attention_bias, **kw)
+        self.k_proj = Dense((e,), (kvh, d), ("embed",), ("kv_heads", "head_dim"), use_bias=cfg.attention_bias, **kw)
+        self.v_proj = Dense((e,), (kvh, d), ("embed",), ("kv_heads", "head_dim"), use_bias=cfg.attention_bias, **kw)
+        self.o_proj = Dense((h, d), (e,), ("heads", "head_dim"), ("embed",), use_bias=cfg.attention_out_bias, **kw)
+        if cfg.qk_norm:
+            norm_kw = dict(param_dtype=param_dtype, dtype=dtype, axis_name="head_dim")
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, **norm_kw)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **norm_kw)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, positions, inv_freq, mask, kv=None, layer=0, index=None):
+        """x `[B, T, E]`, positions `[B, T]`, mask `[B, T, S] bool`. Without `kv`, S = T and the keys are this
+        call's; with `kv = (k_all, v_all)` (`[L, B, S, KVH, D]`), this call's keys are written into layer `layer`
+        at slot `index` and attention runs over all S slots. Returns `(y [B, T, E], kv)`."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if kv is not None:
+            k_all, v_all = kv
+            start = (layer, 0, index, 0, 0)
+            k_all = lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            kv = (k_all, v_all)
+            k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
+        return self.o_proj(attend(q, k, v, mask)), kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+
+    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+        e, m = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(use_bias=cfg.mlp_bias, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.gate_proj = Dense((e,), (m,), ("embed",), ("mlp",), **kw)
+        self.up_proj = Dense((e,), (m,), ("embed",), ("mlp",), **kw)
+        self.down_proj = Dense((m,), (e,), ("mlp",), ("embed",), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, dtype=dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.self_attn = Attention(cfg, **kw, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, **kw, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, mask, kv=None, layer=0, index=None):
+        h, kv = self.self_attn(self.input_layernorm(x), positions, inv_freq, mask, kv, layer, index)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only causal LM.
+
+    Args:
+      config: the architecture.
+      param_dtype: dtype of the parameters.
+      dtype: compute dtype (defaults to `param_dtype`); logits are always float32.
+      rngs: initialisation keys (`from_pretrained` overwrites every parameter).
+      remat: rematerialise each layer's activations in the backward pass (`nnx.remat`), trading compute for
+        memory on long training sequences; the gradients are the same.
+    """
+
+    def __init__(self, config: ModelConfig, *, param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs,
+                 remat: bool = False):
+        self.config = config
+        self.param_dtype = param_dtype
+        self.dtype = dtype or param_dtype
+        self.remat = remat
+        kw = dict(param_dtype=param_dtype, dtype=self.dtype)
+        e, v = config.hidden_size, config.vocab_size
+        self.embed_tokens = _param(jax.nn.initializers.normal(_INIT_STD)(rngs.params(), (v, e), param_dtype),
+                                   ("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(config, **kw, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(e, config.rms_norm_eps, **kw)
+        self.lm_head = None if config.tie_word_embeddings else Dense(
+            (e,), (v,), ("embed",), ("vocab",), use_bias=False, **kw, rngs=rngs)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty `KVCache` with `max_length` slots per row (dtype defaults to the compute dtype)."""
+        c = self.config
+        return KVCache.init(c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim, dtype or self.dtype)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None, *, cache: KVCache | None = None):
+        """Logits for `input_ids [B, T] int32`.
+
+        Args:
+          attention_mask: `[B, T]`, 1 for real tokens and 0 for padding (batches are left-padded); all ones
+            when None.
+          positions: `[B, T] int32` RoPE positions; by default `cumsum(mask) - 1` (clipped at 0), counted on
+            from `cache.num_tokens` in cached mode.
+          cache: when given, the T tokens are appended to it at slots `[cache.index, cache.index + T)` and attend
+            to every earlier real slot; see `KVCache`.
+        Returns:
+          `logits [B, T, V] float32`, or `(logits, new_cache)` when `cache` is given.
+        """
+        b, t = input_ids.shape
+        mask = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
+        offset = 0 if cache is None else cache.num_tokens[:, None]
+        if positions is None:
+            positions = jnp.maximum(offset + jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
+        query_slot = jnp.arange(t)[:, None]  # [T, 1]
+        if cache is None:
+            attn_mask = (jnp.arange(t)[None, :] <= query_slot)[None] & mask[:, None, :]  # [B, T, T]
+            kv = index = None
+        else:
+            kv_mask = lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
+            visible = jnp.arange(cache.max_length)[None, :] <= cache.index + query_slot  # [T, S]
+            attn_mask = visible[None] & kv_mask[:, None, :]
+            kv, index = (cache.k, cache.v), cache.index
+
+        inv_freq = rope_inv_freq(self.config)
+        x = self.embed_tokens[...].astype(self.dtype)[input_ids]
+        for i, layer in enumerate(self.layers):
+            call = nnx.remat(_call_layer, static_argnums=(6,)) if self.remat else _call_layer
+            x, kv = call(layer, x, positions, inv_freq, attn_mask, kv, i, index)
+        x = self.norm(x)
+        if self.lm_head is None:
+            logits = jnp.einsum("bte,ve->btv", x, self.embed_tokens[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("bte,ev->btv", x, self.lm_head.kernel[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits
+        new_cache = KVCache(k=kv[0], v=kv[1], mask=kv_mask, num_tokens=cache.num_tokens + mask.sum(-1, jnp.int32),
+                            index=cache.index + t)
+        return logits, new_cache
+
+
+def _call_layer(layer, x, positions, inv_freq, mask, kv, i, index):
+    return layer(x, positions, inv_freq, mask, kv, i, index)
