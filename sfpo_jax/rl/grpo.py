@@ -63,7 +63,7 @@ def _check_finite_number(name: str, value: Any, *, low: float | None = None, hig
 
 def _check_shape(name: str, x: Array, shape: tuple[int, ...]) -> None:
     if x.shape != shape:
-        raise ValueError(f"{name} must have shape {shape} (like mask), got {x.shape}")
+        raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
 
 
 # ----------------------------------------------------------------------------------------------- advantages
