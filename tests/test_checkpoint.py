@@ -17,15 +17,17 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sfpo_jax.optim import sfpo
 from sfpo_jax.train.checkpoint import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class SlowState(NamedTuple):  # shaped like a custom optax state: an int32 counter, a param copy, a flag
+class SlowState(NamedTuple):  # shaped like a custom optax state: an int32 counter, a param copy, a flag, a buffer
     count: jax.Array
     slow: dict
     active: jax.Array
+    history: jax.Array  # zero-size here (orbax cannot write those; the Checkpointer rebuilds them)
 
 
 def make_state(seed: int):
@@ -36,10 +38,13 @@ def make_state(seed: int):
     grads = jax.tree.map(jnp.ones_like, params)
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    custom = SlowState(jnp.int32(7 + seed), jax.tree.map(lambda x: 2 * x, params), jnp.array(seed % 2 == 0))
+    custom = SlowState(
+        jnp.int32(7 + seed), jax.tree.map(lambda x: 2 * x, params), jnp.array(seed % 2 == 0), jnp.zeros((0,))
+    )
+    sfpo_tx = optax.chain(optax.adamw(1e-3), sfpo(0, 0.8), sfpo(3, 0.5, entropy_window=None))
     return {
         "params": params,
-        "opt_state": (opt_state, custom),
+        "opt_state": (opt_state, custom, sfpo_tx.init(params)),
         "key_data": jax.random.key_data(jax.random.split(key, 2)),
         "typed_key": jax.random.fold_in(jax.random.key(seed, impl="rbg"), 3),
     }
@@ -87,6 +92,18 @@ def test_keeps_last_n_and_refuses_old_steps(tmp_path):
         assert meta == {"step": 3}
         ckpt.save(5, {"x": jnp.zeros(2)}, {"step": 5})  # keep-last-N carries on across reopening
         assert ckpt.all_steps() == [4, 5]
+
+
+def test_async_save(tmp_path):
+    with Checkpointer(tmp_path, async_save=True) as ckpt:
+        ckpt.save(1, {"x": jnp.arange(4.0)}, {"step": 1})
+        ckpt.wait()
+        assert ckpt.latest_step() == 1
+        ckpt.save(2, {"x": jnp.arange(4.0) + 1}, {"step": 2})
+    with Checkpointer(tmp_path) as ckpt:
+        state, meta = ckpt.restore(target={"x": jnp.zeros(4)})
+    np.testing.assert_array_equal(state["x"], [1.0, 2.0, 3.0, 4.0])
+    assert meta == {"step": 2}
 
 
 def test_restore_onto_named_sharding(tmp_path):

@@ -15,14 +15,17 @@ primary process only (orbax's JSON handler does that) and read by all.
 
 PRNG keys may be stored either as ``jax.random.key_data`` uint32 arrays or as typed ``jax.random.key`` arrays:
 typed keys are saved as their key data and re-wrapped, with the target's implementation, on restore.
+Zero-size arrays (which orbax refuses to write) are not stored; restore rebuilds them from the target.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 __all__ = ["Checkpointer"]
@@ -39,8 +42,30 @@ def _key_impl(leaf: Any) -> Any:
     return impls[0]
 
 
+def _is_empty(x: Any) -> bool:
+    """Zero-size arrays (e.g. an unused ring buffer of shape ``[0]``), which orbax refuses to save."""
+    return isinstance(x, jax.Array | jax.ShapeDtypeStruct) and not _is_typed_key(x) and math.prod(x.shape) == 0
+
+
+def _to_saved(leaf: Any) -> Any:
+    """A state leaf as stored: key data for typed keys, None (nothing) for zero-size arrays."""
+    if _is_empty(leaf):
+        return None
+    return jax.random.key_data(leaf) if _is_typed_key(leaf) else leaf
+
+
+def _from_saved(target: Any, saved: Any) -> Any:
+    """Inverse of :func:`_to_saved`, guided by the target leaf."""
+    if _is_empty(target):
+        sharding = getattr(target, "sharding", None)
+        return jnp.zeros(target.shape, target.dtype, device=sharding)
+    return jax.random.wrap_key_data(saved, impl=_key_impl(target)) if _is_typed_key(target) else saved
+
+
 def _abstract(leaf: Any) -> Any:
     """A restore target leaf: ``ShapeDtypeStruct`` with the leaf's sharding (key data for typed keys)."""
+    if _is_empty(leaf):
+        return None
     if not isinstance(leaf, jax.Array | jax.ShapeDtypeStruct):
         return leaf  # numpy arrays and Python scalars: orbax restores them as such
     sharding = getattr(leaf, "sharding", None)
@@ -113,7 +138,7 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, train_state: Any, meta: dict[str, Any]) -> None:
-        """Writes ``train_state`` (a pytree of arrays; NamedTuples, int32 scalars and typed PRNG keys included)
+        """Writes ``train_state`` (a pytree of arrays; NamedTuples, int32 scalars, typed PRNG keys, zero-size arrays)
         and the JSON-serialisable ``meta`` as ``step``, then deletes checkpoints beyond the last ``keep``.
 
         ``step`` must be greater than every step already saved here (a run that is not resumed must use a fresh
@@ -122,7 +147,7 @@ class Checkpointer:
         latest = self.latest_step()
         if latest is not None and step <= latest:
             raise ValueError(f"step {step!r} is not after the latest checkpoint {latest} in {self.directory}")
-        state = jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, train_state)
+        state = jax.tree.map(_to_saved, train_state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)  # the loop decides when to save, not orbax's policy
 
@@ -157,12 +182,8 @@ class Checkpointer:
             restored = self._manager.restore(step, args=args)
         except ValueError as e:  # what the check above cannot see, e.g. a container type orbax cannot rebuild
             raise ValueError(f"checkpoint step {step} in {self.directory} does not match the target: {e}") from e
-        state = jax.tree.map(
-            lambda t, x: jax.random.wrap_key_data(x, impl=_key_impl(t)) if _is_typed_key(t) else x,
-            target,
-            restored.state,
-        )
-        return state, restored.meta
+        # `restored.state` has None where the target has zero-size leaves: the target's leaves are a prefix of it.
+        return jax.tree.map(_from_saved, target, restored.state), restored.meta
 
     def wait(self) -> None:
         """Blocks until an asynchronous save in flight is committed (a no-op for synchronous saves)."""
