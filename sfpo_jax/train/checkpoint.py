@@ -86,7 +86,7 @@ def _mismatches(saved: Any, abstract: Any, limit: int = 5) -> str:
 
     Checked before restoring because orbax's own errors for a wrong shape are long TensorStore dumps."""
     saved_flat, target_flat = ocp.tree.to_flat_dict(saved), ocp.tree.to_flat_dict(abstract)
-    name = lambda path: "/".join(path)
+    name = lambda path: "/".join(map(str, path))
     problems = [f"missing in checkpoint: {name(p)}" for p in target_flat if p not in saved_flat]
     problems += [f"not in target: {name(p)}" for p in saved_flat if p not in target_flat]
     for path, leaf in target_flat.items():
