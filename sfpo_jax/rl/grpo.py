@@ -183,13 +183,9 @@ def kl_estimate(logp: Any, ref_logp: Any, estimator: str = "k3") -> Array:
     return jnp.clip(jnp.exp(neg) - neg - 1.0, -_K3_CLAMP, _K3_CLAMP)
 
 
-def _check_agg(agg: str, num_tokens: Any, num_seqs: Any, loss_norm: Any) -> None:
+def _check_agg(agg: str, loss_norm: Any) -> None:
     if agg not in AGGREGATIONS:
         raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
-    if num_tokens is not None and agg != "token-mean":
-        raise ValueError(f"num_tokens is the normaliser of agg='token-mean' only, got it with agg={agg!r}")
-    if num_seqs is not None and agg == "token-mean":
-        raise ValueError("num_seqs is the normaliser of the seq-mean-* aggregations, got it with agg='token-mean'")
     if loss_norm is not None:
         if agg != "seq-mean-token-sum-norm":
             raise ValueError(f"loss_norm is used by agg='seq-mean-token-sum-norm' only, got it with agg={agg!r}")
@@ -213,20 +209,21 @@ def aggregate(values: Any, mask: Any, agg: str = "token-mean", *, num_tokens: An
     full batch's denominator: `num_tokens = Σ mask` over the whole (mini-)batch for token-mean, or `num_seqs`
     = its number of non-empty completions for the seq-mean-* modes (C is a constant already). Then summing
     (or accumulating gradients of) the micro-batch losses reproduces the full-batch loss and gradient exactly;
-    averaging per-micro-batch token-means would instead weight tokens by their micro-batch's length.
+    averaging per-micro-batch token-means would instead weight tokens by their micro-batch's length. Each mode
+    reads only its own denominator, so a trainer may always pass both `num_tokens` and `num_seqs`.
 
     Args:
       values: `[B, T]` per-token values; masked entries are ignored (they may be inf/NaN).
       mask: `[B, T]` bool or 0/1.
       agg: one of `AGGREGATIONS`.
-      num_tokens: optional scalar (Python or traced) denominator for token-mean.
-      num_seqs: optional scalar (Python or traced) sequence count for the seq-mean-* modes.
+      num_tokens: optional scalar (Python or traced) denominator for token-mean; ignored by the other modes.
+      num_seqs: optional scalar (Python or traced) sequence count for the seq-mean-* modes; ignored by token-mean.
       loss_norm: optional positive constant C for seq-mean-token-sum-norm; default T = values.shape[1].
 
     Returns:
       scalar float32.
     """
-    _check_agg(agg, num_tokens, num_seqs, loss_norm)
+    _check_agg(agg, loss_norm)
     m = jnp.asarray(mask).astype(bool)
     x = jnp.where(m, _float(values), 0.0)
     if agg == "token-mean":
@@ -310,7 +307,7 @@ def policy_loss(
     _check_finite_number("clip_high", clip_high, low=0.0)
     if dual_clip is not None:
         _check_finite_number("dual_clip", dual_clip, low=1.0, low_inclusive=False)
-    _check_agg(agg, num_tokens, num_seqs, loss_norm)
+    _check_agg(agg, loss_norm)
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {kl_estimator!r}")
     if ref_logp is None and not _is_zero(kl_coef):
