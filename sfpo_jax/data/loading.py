@@ -1,0 +1,139 @@
+"""Loading the named datasets into ``(problem, answer)`` form, and rendering prompts."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import datasets
+
+from sfpo_jax.data.specs import SPECS, DatasetFormatError, DatasetSpec
+
+DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+_LOCAL_FORMATS = (("parquet", "parquet"), ("jsonl", "json"), ("json", "json"))
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The spec called ``name``; ValueError listing the known names otherwise."""
+    try:
+        return SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset name {name!r}; known: {sorted(SPECS)}") from None
+
+
+def _local_files(data_dir: str | os.PathLike, spec: DatasetSpec, split: str) -> tuple[str, list[str]]:
+    folder = os.path.join(os.fspath(data_dir), spec.name)
+    for ext, builder in _LOCAL_FORMATS:
+        single = os.path.join(folder, f"{split}.{ext}")
+        if os.path.isfile(single):
+            return builder, [single]
+        if os.path.isdir(folder):
+            shards = sorted(
+                os.path.join(folder, f)
+                for f in os.listdir(folder)
+                if f.startswith(f"{split}-") and f.endswith(f".{ext}")
+            )
+            if shards:
+                return builder, shards
+    raise FileNotFoundError(
+        f"dataset {spec.name!r} split {split!r}: no {split}.parquet, {split}.jsonl, {split}.json or "
+        f"{split}-*.parquet under {folder}"
+    )
+
+
+def _get(row: dict[str, Any], path: str) -> Any:
+    value: Any = row
+    for part in path.split("."):
+        if isinstance(value, dict):
+            if part not in value:
+                raise ValueError(f"missing key {part!r}")
+            value = value[part]
+        elif isinstance(value, list | tuple):
+            if not part.isdigit() or int(part) >= len(value):
+                raise ValueError(f"no element {part} in a list of {len(value)}")
+            value = value[int(part)]
+        else:
+            raise ValueError(f"cannot take {part!r} of {type(value).__name__}")
+    return value
+
+
+def to_problems(raw: datasets.Dataset, spec: DatasetSpec, split: str) -> datasets.Dataset:
+    """Maps an upstream-schema dataset to columns ``problem``, ``answer``, ``index`` (upstream row) + ``spec.keep``.
+
+    Raises:
+      DatasetFormatError: a column is missing, or a row's field is malformed; the message names the dataset,
+        split, row index and field.
+    """
+    needed = {spec.problem_field.split(".")[0], spec.answer_field.split(".")[0], *spec.keep}
+    missing = sorted(needed - set(raw.column_names))
+    if missing:
+        raise DatasetFormatError(
+            f"dataset {spec.name!r} split {split!r}: missing column(s) {missing} (field of every row); "
+            f"columns present: {raw.column_names}"
+        )
+    out: dict[str, list[Any]] = {"problem": [], "answer": [], "index": [], **{k: [] for k in spec.keep}}
+    for i, row in enumerate(raw):
+        for field, fn, key in (
+            (spec.problem_field, spec.problem_fn, "problem"),
+            (spec.answer_field, spec.answer_fn, "answer"),
+        ):
+            try:
+                out[key].append(fn(_get(row, field)))
+            except ValueError as e:
+                raise DatasetFormatError(
+                    f"dataset {spec.name!r} split {split!r} row {i} field {field!r}: {e}"
+                ) from None
+        out["index"].append(i)
+        for k in spec.keep:
+            out[k].append(row[k])
+    return datasets.Dataset.from_dict(out)
+
+
+def load(name: str, split: str | None = None, data_dir: str | os.PathLike | None = None) -> datasets.Dataset:
+    """Loads dataset ``name`` (see ``SPECS``) as a ``datasets.Dataset`` with ``problem`` and ``answer`` columns.
+
+    Args:
+      name: a key of ``SPECS`` (``"gsm8k"``, ``"math"``, ``"math500"``, ``"dapo_math_17k"``, ``"aime24"``,
+        ``"aime25"``, ``"amc23"``, ``"minerva_math"``, ``"olympiadbench"``).
+      split: an upstream split; default ``"train"`` where there is one, else the only split.
+      data_dir: None loads from the Hugging Face hub. Otherwise local files in the upstream schema:
+        ``<data_dir>/<name>/<split>.parquet`` (or ``.jsonl`` / ``.json``, or shards ``<split>-*.parquet``),
+        e.g. ``data/gsm8k/test.parquet`` as downloaded from the hub.
+
+    Returns:
+      Columns ``problem`` (str), ``answer`` (str, gradeable by ``sfpo_jax.rewards.math_reward``), ``index``
+      (row of the upstream split) and the spec's ``keep`` columns.
+    """
+    spec = get_spec(name)
+    split = split or spec.default_split
+    if split not in spec.splits:
+        raise ValueError(f"dataset {name!r} has no split {split!r}; splits: {list(spec.splits)}")
+    if data_dir is None:
+        raw = datasets.load_dataset(spec.repo_id, spec.config, split=split)
+    else:
+        builder, files = _local_files(data_dir, spec, split)
+        raw = datasets.load_dataset(builder, data_files={split: files}, split=split)
+    return to_problems(raw, spec, split)
+
+
+def render_prompt(
+    problem: str,
+    tokenizer: Any = None,
+    *,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+    chat_template: bool = True,
+    system: str | None = None,
+) -> str:
+    """The prompt text for ``problem``: ``"{problem} {instruction}"``, wrapped in the tokenizer's chat template.
+
+    The chat template is used when ``chat_template`` is True and ``tokenizer`` has one (with the generation
+    prompt appended, so the model continues as the assistant); otherwise the plain text is returned (base models).
+    ``system`` adds a system message under a chat template and is prepended as a paragraph otherwise.
+    """
+    content = problem.strip() if not instruction else f"{problem.strip()} {instruction}"
+    if chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": content}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{system}\n\n{content}" if system else content
