@@ -292,3 +292,13 @@ def test_entropy_switch_matches_the_official_rule(entropies):
     want = [2] * n if switch_at is None else [2] * (switch_at + 1) + [1] * (n - switch_at - 1)
     assert calls == want
     assert sfpo_active(state) == (switch_at is None)
+
+
+def test_non_finite_entropy_is_not_recorded():
+    series = [1.0, 1.02, np.nan, 0.99, np.inf, 1.01, 1.0, 3.0]
+    clean = [h for h in series if np.isfinite(h)]
+    assert official_switch_batch(clean, 4, 1.0) == len(clean) - 1
+    _, calls, state = train(optax.chain(optax.sgd(0.1), sfpo(1, 0.5, 1, 4, 1.0)), len(series) + 1,
+                            entropies=[*series, 1.0])
+    assert int(sfpo_state_of(state).entropy_count) == len(clean) + 1
+    assert calls == [2] * len(series) + [1]

@@ -122,7 +122,8 @@ def sfpo(
 
     and ``z >= entropy_threshold`` switches SFPO off for good once the current cycle has completed: every
     later batch gets ``M`` plain calls of the inner optimizer. Callers that never pass ``entropy`` get pure
-    SFPO; ``entropy_window=None`` disables the switch.
+    SFPO; ``entropy_window=None`` disables the switch; a non-finite entropy is not recorded (the official code
+    would carry it in its window, and never switch while it is there); ``num_fast_steps=0`` ignores it.
 
     Args:
       num_fast_steps: ``K >= 0``, the fast epochs per batch.
@@ -215,12 +216,14 @@ def sfpo(
         active, history, n = state.active, state.entropy_history, state.entropy_count
         if use_switch and entropy is not None:
             h = jnp.asarray(entropy, jnp.float32).reshape(())
-            history = jnp.where(is_last, history.at[n % W].set(h), history)
-            n = (n + is_last).astype(jnp.int32)
+            # A non-finite entropy is not recorded: it would poison the window for good.
+            record = jnp.logical_and(is_last, jnp.isfinite(h))
+            history = jnp.where(record, history.at[n % W].set(h), history)
+            n = (n + record).astype(jnp.int32)
             # Once n >= W the ring buffer holds exactly the last W values, the newest (h) included.
             z = (h - jnp.mean(history)) / (jnp.std(history) + _ZSCORE_EPS)
             spike = jnp.logical_and(n >= W, z >= entropy_threshold)
-            active = jnp.logical_and(active, jnp.logical_not(jnp.logical_and(is_last, spike)))
+            active = jnp.logical_and(active, jnp.logical_not(jnp.logical_and(record, spike)))
         # The switch only changes the cycle length at a cycle boundary (is_last), so the next batch is plain.
         cycle_length = jnp.where(active, sfpo_length, plain_length).astype(jnp.int32)
         new_state = SFPOState(
