@@ -3,8 +3,9 @@
     from tests.hf_checkpoints import make_checkpoint
     path = make_checkpoint(tmp_path, arch="qwen3", num_hidden_layers=1)
 
-The folder holds `config.json`, `model.safetensors` (float32 unless `dtype=` says otherwise) and a character-level
-tokenizer (printable ASCII, `<|im_start|>` / `<|im_end|>` / `<|endoftext|>`) with a ChatML chat template.
+The folder holds `config.json`, `model.safetensors` (float32 unless `dtype=` says otherwise) and a one-token-per-
+character byte-level tokenizer (printable ASCII; `<|endoftext|>` = 0 = pad, `<|im_start|>` = 1, `<|im_end|>` = 2 =
+eos) with a ChatML chat template.
 Callers must `pytest.importorskip("torch")` first.
 """
 
@@ -27,7 +28,8 @@ _ARCH_DEFAULTS = {
     "qwen2": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
     # Qwen3's head_dim is independent of hidden / heads; 16 != 32 / 4 exercises that.
     "qwen3": dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-    "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+    # head_dim 16 puts one RoPE frequency in llama3's smoothed band (wavelength between 16 and 64).
+    "llama": dict(head_dim=16, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                    "original_max_position_embeddings": 64}),
 }
@@ -43,15 +45,20 @@ def hf_config(arch: str = "qwen2", **overrides):
 
 
 def make_tokenizer():
-    """A character-level fast tokenizer with ChatML specials (ids 0-3) and a chat template; 100 tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level BPE tokenizer without merges (one token per character: printable ASCII, tab, newline) and
+    ChatML specials at ids 0-3, with a chat template; 101 tokens.
+
+    Byte-level like Qwen's and Llama 3's real tokenizers, so that transformers' per-model tokenizer classes
+    (which `AutoTokenizer` picks from `config.json`) keep its behaviour."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    # GPT-2's byte → unicode table, restricted to ASCII: printable bytes map to themselves, the rest to 256 + byte.
+    chars = [c if 33 <= ord(c) <= 126 else chr(256 + ord(c)) for c in string.printable if c not in "\x0b\x0c\r"]
     vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *chars])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>",
         additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE,
