@@ -1,10 +1,10 @@
 """Slow-Fast Policy Optimization (SFPO) as an optax gradient transformation.
 
-SFPO (Wang et al., "Slow-Fast Policy Optimization: Reposition-Before-Update for LLM Reasoning",
-arXiv 2510.04072) turns every batch of rollouts into a short fast trajectory of optimizer steps, a
-reposition of the parameters back towards the point the rollouts were drawn at, and one slow correction
-step. Here it is a transformation chained *after* any optax optimizer, so the optimizer's state
-(moments, step counts, schedules) simply carries on through every call::
+SFPO ("Slow-Fast Policy Optimization: Reposition-Before-Update for LLM Reasoning", arXiv 2510.04072) turns
+every batch of rollouts into a short fast trajectory of optimizer steps, a reposition of the parameters back
+towards the point the rollouts were drawn at, and one slow correction step. Here it is a transformation chained
+*after* any optax optimizer, so the optimizer's state (moments, step counts, schedules) simply carries on through
+every call::
 
   tx = optax.chain(optax.adamw(1e-6), sfpo(num_fast_steps=3, alpha=0.8))
 
@@ -155,8 +155,8 @@ def sfpo(
       4
 
     References:
-      Wang et al., `Slow-Fast Policy Optimization: Reposition-Before-Update for LLM Reasoning
-      <https://arxiv.org/abs/2510.04072>`_, 2025.
+      `Slow-Fast Policy Optimization: Reposition-Before-Update for LLM Reasoning
+      <https://arxiv.org/abs/2510.04072>`_, 2025; official code https://github.com/Urheen/SFPO.
     """
     _check_args(num_fast_steps, alpha, num_minibatches, entropy_window, entropy_threshold)
     K, M = int(num_fast_steps), int(num_minibatches)
