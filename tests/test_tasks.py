@@ -1,0 +1,223 @@
+"""Built-in tasks: deterministic disjoint splits, hand-checked rewards, the safe countdown checker, task loading,
+the char tokenizer, and the math-dataset adapter."""
+
+import sys
+import textwrap
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from sfpo_jax.tasks import (
+    ArithmeticTask,
+    CountdownTask,
+    ExpressionError,
+    MathTask,
+    Problem,
+    Task,
+    TaskLike,
+    char_tokenizer,
+    evaluate_chain,
+    load_task,
+    parse_expression,
+    save_char_tokenizer,
+)
+
+FIXTURES = __file__.rsplit("/", 1)[0] + "/fixtures/datasets"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda seed, **kw: ArithmeticTask(num_train=300, num_eval=50, seed=seed, **kw),
+        lambda seed, **kw: CountdownTask(num_train=300, num_eval=50, seed=seed, **kw),
+    ],
+    ids=["arithmetic", "countdown"],
+)
+def test_splits_are_seeded_disjoint_and_sized(make):
+    a, b, c = make(0), make(0), make(1)
+    assert a.train_problems() == b.train_problems() and a.eval_problems() == b.eval_problems()
+    assert a.train_problems() != c.train_problems()
+    train, evals = {p.prompt for p in a.train_problems()}, {p.prompt for p in a.eval_problems()}
+    assert len(train) == 300 and len(evals) == 50 and not train & evals
+    assert isinstance(a, TaskLike)
+
+
+def test_eval_split_does_not_depend_on_train_size():
+    small, big = ArithmeticTask(num_train=10, num_eval=40), ArithmeticTask(num_train=500, num_eval=40)
+    assert small.eval_problems() == big.eval_problems()
+
+
+def test_arithmetic_answers_follow_precedence():
+    assert evaluate_chain([12, 7, 3], ["+", "*"]) == 33
+    assert evaluate_chain([2, 3, 4, 5], ["*", "-", "*"]) == -14
+    assert evaluate_chain([9, 9], ["-"]) == 0
+    task = ArithmeticTask(num_operands=(2, 4), digits=2, num_train=200, num_eval=20)
+    for p in task.train_problems():
+        # Recompute from the prompt text with an independent parser: the countdown grammar covers + - *.
+        value, _ = parse_expression(p.prompt.rstrip("="))
+        assert Fraction(int(p.answer)) == value, p
+        assert 2 <= sum(ch in "+-*" for ch in p.prompt.replace("=", "")) + 1 <= 4
+
+
+def test_arithmetic_reward():
+    task = ArithmeticTask(num_train=1, num_eval=1)
+    scores = task.reward(["33", " 33\nbecause", "34", "-33", "thirty-three", ""], ["33"] * 5 + ["-5"])
+    np.testing.assert_array_equal(scores, [1, 1, 0, 0, 0, 0])
+    assert scores.dtype == np.float32
+    partial = ArithmeticTask(num_train=1, num_eval=1, format_credit=0.1)
+    np.testing.assert_allclose(partial.reward(["33", "34", "x"], ["33"] * 3), [1.0, 0.1, 0.0])
+
+
+def test_countdown_reward_hand_checked():
+    task = CountdownTask(num_train=1, num_eval=1)
+    spec = "3 5 7 -> 22"
+    completions = [
+        "3*5+7",  # correct
+        "7+5*3 = 22",  # correct, with the target restated
+        "(7-5)*(3+8)",  # 8 is not given
+        "7*3+1",  # 1 is not given
+        "3*5+7+7",  # 7 used twice
+        "5*5-3",  # 5 used twice
+        "3*7",  # a subset of the numbers, wrong value
+        "22",  # a number that is not given
+        "__import__('os').system('true')",
+        "",
+    ]
+    np.testing.assert_array_equal(task.reward(completions, [spec] * len(completions)), [1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(task.reward(["(9-3)/2"], ["2 3 9 -> 3"]), [1])
+    np.testing.assert_array_equal(task.reward(["9/2*2"], ["2 2 9 -> 9"]), [1])  # exact fractions, not floats
+    for p in task.train_problems() + task.eval_problems():
+        assert task.reward([p.solution], [p.answer])[0] == 1.0, p
+
+
+def test_countdown_solutions_use_every_number_and_targets_in_range():
+    task = CountdownTask(num_numbers=4, max_number=12, max_target=50, ops="+-*/", num_train=200, num_eval=10)
+    for p in task.train_problems():
+        numbers, target = p.answer.split("->")
+        value, used = parse_expression(p.solution)
+        assert sorted(used) == sorted(int(x) for x in numbers.split())
+        assert value == int(target) and 1 <= int(target) <= 50
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "1+",
+        "(1+2",
+        "1+2)",
+        "1//2",
+        "1/0",
+        "-1+2",
+        "1 2",
+        "1e5",
+        "x",
+        "1" * 7,
+        "(" * 20 + "1" + ")" * 20,
+        "1+" * 40 + "1",
+        "__import__('os')",
+        "1\x00",
+    ],
+)
+def test_parse_expression_rejects(text):
+    with pytest.raises(ExpressionError):
+        parse_expression(text)
+
+
+def test_parse_expression_values():
+    assert parse_expression("2*(3+4)-5/5") == (Fraction(13), [2, 3, 4, 5, 5])
+    assert parse_expression(" 7 ") == (Fraction(7), [7])
+    assert parse_expression("((1+2))*3")[0] == 9
+
+
+def test_argument_checks():
+    with pytest.raises(ValueError, match="num_operands"):
+        ArithmeticTask(num_operands=1)
+    with pytest.raises(ValueError, match="ops"):
+        ArithmeticTask(ops="+^")
+    with pytest.raises(ValueError, match="distinct problems"):
+        ArithmeticTask(num_operands=2, digits=1, ops="+", num_train=200, num_eval=0)
+    with pytest.raises(ValueError, match="num_numbers"):
+        CountdownTask(num_numbers=1)
+    with pytest.raises(ValueError, match="format_credit"):
+        CountdownTask(format_credit=1.5)
+
+
+def test_load_task(tmp_path, monkeypatch):
+    assert isinstance(load_task("sfpo_jax.tasks:arithmetic", num_train=5, num_eval=5), ArithmeticTask)
+    assert isinstance(load_task("countdown", num_train=5, num_eval=5), CountdownTask)
+    (tmp_path / "my_task.py").write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+            from sfpo_jax.tasks import Problem, Task
+
+            class Parity(Task):
+                name = "parity"
+                def __init__(self, n): self.n = n
+                def train_problems(self): return [Problem(f"{i} odd?", "yes" if i % 2 else "no") for i in range(self.n)]
+                def eval_problems(self): return [Problem("7 odd?", "yes")]
+                def reward(self, completions, answers):
+                    return np.array([c.strip() == a for c, a in zip(completions, answers)], np.float32)
+
+            def make(n=4): return Parity(n)
+            def not_a_task(): return object()
+            VALUE = 3
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = load_task("my_task:make", n=6)
+    assert task.name == "parity" and len(task.train_problems()) == 6
+    assert task.render(Problem("1 odd?", "yes")) == "1 odd?"
+    np.testing.assert_array_equal(task.reward(["yes", "no"], ["yes", "yes"]), [1, 0])
+    with pytest.raises(ValueError, match=r"module\.path:factory"):
+        load_task("nonsense")
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        load_task("no_such_module:make")
+    with pytest.raises(ValueError, match="has no attribute 'missing'"):
+        load_task("my_task:missing")
+    with pytest.raises(ValueError, match="not callable"):
+        load_task("my_task:VALUE")
+    with pytest.raises(TypeError, match=r"without.*train_problems"):
+        load_task("my_task:not_a_task")
+    sys.modules.pop("my_task", None)
+
+
+def test_task_is_abstract():
+    with pytest.raises(TypeError):
+        Task()
+
+
+def test_char_tokenizer_roundtrip(tmp_path):
+    from transformers import AutoTokenizer
+
+    save_char_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    text = "12+7*3=\n3 5 7 -> 22: (7-5)*11"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) == len(text) and tok.decode(ids) == text
+    assert tok.pad_token_id == 0 and tok.eos_token_id is not None and tok.bos_token_id is not None
+    assert len(tok) <= 128
+    assert tok.decode([*ids, tok.eos_token_id, tok.pad_token_id], skip_special_tokens=True) == text
+    prompt = tok.apply_chat_template([{"role": "user", "content": "1+1="}], tokenize=False, add_generation_prompt=True)
+    assert prompt == "user: 1+1=\nassistant: "
+    assert tok.unk_token_id in tok.encode("é", add_special_tokens=False)
+    batch = tok(["1=", "123="], padding=True)
+    assert batch["input_ids"][0][0] == tok.pad_token_id  # left padding, as the sampler expects
+    small = char_tokenizer("0123456789+=")
+    assert len(small) == 16
+    with pytest.raises(ValueError, match="alphabet"):
+        char_tokenizer("")
+
+
+def test_math_task_from_fixtures():
+    task = MathTask(train="gsm8k", eval=["aime25", "amc23"], train_split="test", data_dir=FIXTURES, reward="paper")
+    assert [p.answer for p in task.train_problems()] == ["1150", "120"]
+    assert [p.answer for p in task.eval_problems()] == ["9", "169", "27", "2.5"]
+    assert task.render(task.eval_problems()[0]).endswith("within \\boxed{}.")
+    chat = MathTask(train="aime25", eval="aime25", data_dir=FIXTURES, tokenizer=char_tokenizer(), num_eval=1)
+    assert chat.render(chat.train_problems()[0]).startswith("user: Find") and len(chat.eval_problems()) == 1
+    with pytest.raises(ValueError, match="reward"):
+        MathTask(train="aime25", eval="aime25", data_dir=FIXTURES, reward="exact")
