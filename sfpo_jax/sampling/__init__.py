@@ -1,0 +1,15 @@
+"""Fast batched sampling with a KV cache: `Sampler.generate(prompts, SamplingConfig(...), key) -> Rollout`."""
+
+from sfpo_jax.sampling.config import SamplingConfig
+from sfpo_jax.sampling.ops import sample_logits, token_logprobs
+from sfpo_jax.sampling.sampler import DEFAULT_PROMPT_BUCKETS, FinishReason, Rollout, Sampler
+
+__all__ = [
+    "DEFAULT_PROMPT_BUCKETS",
+    "FinishReason",
+    "Rollout",
+    "Sampler",
+    "SamplingConfig",
+    "sample_logits",
+    "token_logprobs",
+]

@@ -1,0 +1,323 @@
+"""Batched generation with a KV cache: one prefill pass, then a `lax.while_loop` decode loop, both jitted.
+
+A call to `Sampler.generate` left-pads the prompts to a bucketed length P and the batch to a bucketed size B, so a
+training run compiles one (prefill, decode) pair per (B, P, sampling settings), not one per batch. The prefill
+writes the first P-1 prompt columns into a fresh cache and returns only the cache (so no `[B, P, V]` logits are
+ever computed); the decode program, which receives the cache donated, starts by feeding the last prompt column
+(real for every row, since prompts are left-padded) and then feeds back each sampled token.
+
+Sharding: with a `mesh`, params follow their logical axes (`sfpo_jax.parallel.param_shardings`), the batch is
+split over the axes of the `batch` rule (data, fsdp) and the cache's kv heads over `tensor`; the jitted programs
+carry these as explicit `in_shardings` / `out_shardings`.
+
+Multi-host: every process calls `generate` with its own prompts (the same number on each, and a prompt bucket
+that does not depend on the local prompts, e.g. `prompt_buckets=lambda n: 1024`); the local batches become one
+global array with `jax.make_array_from_process_local_data`, and each process gets back the `Rollout` of its
+own prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sfpo_jax.models import KVCache
+from sfpo_jax.parallel import logical_sharding, param_shardings
+from sfpo_jax.sampling.config import SamplingConfig
+from sfpo_jax.sampling.ops import sample_logits, token_logprobs
+
+DEFAULT_PROMPT_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 … 32768
+
+
+class FinishReason(enum.IntEnum):
+    """Why a completion ended (the codes in `Rollout.finish_reason`)."""
+
+    EOS = 0  # generated one of `SamplingConfig.eos_token_ids` (kept, masked in)
+    LENGTH = 1  # reached `max_new_tokens`
+
+
+class Rollout(NamedTuple):
+    """Completions of N = len(prompts) · num_samples sequences, laid out group by group (prompt 0's samples
+    first). NumPy arrays on the host.
+
+    Attributes:
+      prompt_tokens: `[N, P] int32`, the left-padded (bucketed) prompts, repeated per sample.
+      prompt_mask: `[N, P] bool`, True on real prompt tokens.
+      tokens: `[N, max_new_tokens] int32`, generated ids, the pad id after the end.
+      logprobs: `[N, max_new_tokens] float32`, log-probability of each generated token under the policy at
+        temperature 1 (log_softmax of the raw logits, whatever the sampling controls), 0 where masked.
+      mask: `[N, max_new_tokens] bool`, generated tokens up to and including EOS.
+      lengths: `[N] int32`, `mask.sum(-1)`.
+      finish_reason: `[N] int32`, `FinishReason` codes.
+    """
+
+    prompt_tokens: np.ndarray
+    prompt_mask: np.ndarray
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    mask: np.ndarray
+    lengths: np.ndarray
+    finish_reason: np.ndarray
+
+    def texts(self, tokenizer, skip_special_tokens: bool = True) -> list[str]:
+        """Each completion decoded up to and including its EOS token (dropped with `skip_special_tokens`)."""
+        return [tokenizer.decode(row[m].tolist(), skip_special_tokens=skip_special_tokens)
+                for row, m in zip(self.tokens, self.mask, strict=True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecodeSpec:
+    """The static part of the decode program."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+
+
+class _Program(NamedTuple):
+    prefill: Any
+    decode: Any
+    batch_sharding: Any  # of `[B, T]` inputs, or None without a mesh
+    row_sharding: Any  # of `[B]` inputs
+
+
+class Sampler:
+    """Generates completions from a `CausalLM` (see the module docstring).
+
+    Args:
+      model: a `sfpo_jax.models.CausalLM`; its current state is used unless `generate` gets `params`.
+      mesh: a `jax.sharding.Mesh` from `sfpo_jax.parallel.make_mesh`; None runs on the default device.
+      rules: logical-axis rules (default `sfpo_jax.parallel.DEFAULT_RULES`).
+      pad_token_id: the id written to padding (left of prompts, after completions).
+      prompt_buckets: increasing prompt lengths to pad to (the smallest that fits), or a function
+        `longest_prompt_length -> padded_length`.
+      max_cache_length: cache slots per row; by default the prompt bucket plus `max_new_tokens`. Setting it
+        fixes the decode program's cache size, and prompts longer than `max_cache_length - max_new_tokens` are
+        rejected.
+      batch_multiple: the batch is padded to a multiple of this (and of the number of batch shards), so that
+        batches of nearby sizes share a program.
+    """
+
+    def __init__(self, model: nnx.Module, *, mesh: Mesh | None = None, rules: Mapping | None = None,
+                 pad_token_id: int = 0, prompt_buckets: Sequence[int] | Callable[[int], int] = DEFAULT_PROMPT_BUCKETS,
+                 max_cache_length: int | None = None, batch_multiple: int = 8):
+        self.model = model
+        self.vocab_size = model.config.vocab_size
+        if not isinstance(pad_token_id, int) or not 0 <= pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id={pad_token_id!r} must be an id in [0, {self.vocab_size})")
+        if not callable(prompt_buckets):
+            prompt_buckets = tuple(prompt_buckets)
+            if not prompt_buckets or any(not isinstance(b, int) or b < 1 for b in prompt_buckets) or list(
+                    prompt_buckets) != sorted(set(prompt_buckets)):
+                raise ValueError(f"prompt_buckets={prompt_buckets!r} must be increasing positive ints")
+        if max_cache_length is not None and (not isinstance(max_cache_length, int) or max_cache_length < 2):
+            raise ValueError(f"max_cache_length={max_cache_length!r} must be an int >= 2")
+        if not isinstance(batch_multiple, int) or batch_multiple < 1:
+            raise ValueError(f"batch_multiple={batch_multiple!r} must be a positive int")
+        self.mesh, self.rules = mesh, rules
+        self.pad_token_id = pad_token_id
+        self.prompt_buckets = prompt_buckets
+        self.max_cache_length = max_cache_length
+        self._graphdef, state = nnx.split(model)
+        self._param_shardings = None if mesh is None else param_shardings(state, mesh, rules)
+        batch_shards = 1
+        if mesh is not None:
+            spec = logical_sharding(mesh, ("batch",), rules).spec[0]
+            axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+            batch_shards = math.prod(mesh.shape[a] for a in axes)
+        self.batch_multiple = math.lcm(batch_multiple, batch_shards)
+        self._programs: dict[tuple, _Program] = {}
+        self.num_traces = 0  # how many times a program was traced (= compiled): tests and logs read it
+
+    # ----------------------------------------------------------------------------------------------- shapes
+    def _prompt_bucket(self, longest: int) -> int:
+        if callable(self.prompt_buckets):
+            padded = self.prompt_buckets(longest)
+            if not isinstance(padded, int | np.integer) or padded < longest:
+                raise ValueError(f"prompt_buckets({longest}) returned {padded!r}, not an int >= {longest}")
+            return int(padded)
+        for b in self.prompt_buckets:
+            if b >= longest:
+                return b
+        raise ValueError(f"a prompt of {longest} tokens is longer than the largest of prompt_buckets="
+                         f"{self.prompt_buckets}")
+
+    def _shapes(self, prompts, config: SamplingConfig) -> tuple[int, int, int]:
+        """(batch B, prompt length P, cache length S) after bucketing; raises on bad input."""
+        if not isinstance(config, SamplingConfig):
+            raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
+        if isinstance(prompts, np.ndarray | jax.Array) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts must be a non-empty list of token-id lists")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompts[{i}] is empty")
+            arr = np.asarray(p)
+            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"prompts[{i}] must be a flat list of ints")
+            if arr.min() < 0 or arr.max() >= self.vocab_size:
+                raise ValueError(f"prompts[{i}] has token ids outside the vocabulary [0, {self.vocab_size}): "
+                                 f"min {arr.min()}, max {arr.max()}")
+        bad = [t for t in config.eos_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"eos_token_ids={config.eos_token_ids} has ids outside [0, {self.vocab_size})")
+        longest, new = max(len(p) for p in prompts), config.max_new_tokens
+        limit = self.max_cache_length or self.model.config.max_position_embeddings
+        name = "max_cache_length" if self.max_cache_length else "max_position_embeddings"
+        if longest + new > limit:
+            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={new} does not fit in the cache "
+                             f"({name}={limit})")
+        p = self._prompt_bucket(longest)
+        if self.max_cache_length:
+            p, s = min(p, self.max_cache_length - new), self.max_cache_length
+        else:
+            s = p + new
+        n = len(prompts) * config.num_samples
+        b = -(-n // self.batch_multiple) * self.batch_multiple
+        return b, p, s
+
+    # --------------------------------------------------------------------------------------------- programs
+    def _program(self, b: int, p: int, s: int, spec: _DecodeSpec) -> _Program:
+        key = (b, p, s, spec)
+        if key in self._programs:
+            return self._programs[key]
+        graphdef = self._graphdef
+
+        def prefill(state, ids, mask):
+            self.num_traces += 1
+            model = nnx.merge(graphdef, state)
+            cache = model.init_cache(ids.shape[0], s)
+            if ids.shape[1] == 0:
+                return cache
+            _, cache = model(ids, attention_mask=mask, cache=cache)  # logits unused: XLA drops the LM head
+            return cache
+
+        def decode(state, cache, last, key):
+            self.num_traces += 1
+            return _decode_loop(nnx.merge(graphdef, state), cache, last, key, spec)
+
+        if self.mesh is None:
+            prog = _Program(jax.jit(prefill), jax.jit(decode, donate_argnums=1), None, None)
+        else:
+            shard = lambda axes, shape: logical_sharding(self.mesh, axes, self.rules, shape)
+            cache_shapes = jax.eval_shape(lambda: self.model.init_cache(b, s))
+            cache_sh = jax.tree.map(lambda axes, x: shard(axes, x.shape), KVCache.logical_axes(), cache_shapes,
+                                    is_leaf=lambda x: type(x) is tuple)
+            rows2, rows1 = shard(("batch", None), (b, 2)), shard(("batch",), (b,))
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            params = self._param_shardings
+            prog = _Program(
+                jax.jit(prefill, in_shardings=(params, rows2, rows2), out_shardings=cache_sh),
+                jax.jit(decode, in_shardings=(params, cache_sh, rows1, replicated),
+                        out_shardings=(rows2, rows2, rows1, rows1, cache_sh), donate_argnums=1),
+                rows2, rows1)
+        self._programs[key] = prog
+        return prog
+
+    def _put(self, x: np.ndarray, sharding):
+        if sharding is None:
+            return jnp.asarray(x)
+        if jax.process_count() > 1:
+            return jax.make_array_from_process_local_data(sharding, x)
+        return jax.device_put(x, sharding)
+
+    def _get(self, x: jax.Array) -> np.ndarray:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            x = multihost_utils.global_array_to_host_local_array(x, self.mesh, x.sharding.spec)
+        return np.asarray(x)
+
+    # ------------------------------------------------------------------------------------------------ generate
+    def generate(self, prompts: Sequence[Sequence[int]], config: SamplingConfig, key: jax.Array, *,
+                 params: nnx.State | None = None) -> Rollout:
+        """Samples `config.num_samples` completions of every prompt.
+
+        Args:
+          prompts: token-id lists of any (non-zero) lengths.
+          config: the sampling controls.
+          key: a PRNG key; the same key gives the same rollout.
+          params: an `nnx.State` of the same model (`nnx.state(model)` / `nnx.split(model)[1]`, e.g. updated by
+            the trainer) to sample with instead of the model's current state; only the values may differ, so
+            this never recompiles.
+        Returns:
+          A `Rollout` of N = len(prompts) · num_samples rows, group by group.
+        """
+        b, p, s = self._shapes(prompts, config)
+        spec = _DecodeSpec(config.max_new_tokens, float(config.temperature), config.top_k, float(config.top_p),
+                           config.eos_token_ids, self.pad_token_id)
+        n = len(prompts) * config.num_samples
+        ids = np.full((b, p), self.pad_token_id, np.int32)
+        mask = np.zeros((b, p), bool)
+        for i, prompt in enumerate(prompts):
+            rows = slice(i * config.num_samples, (i + 1) * config.num_samples)
+            ids[rows, p - len(prompt):] = prompt
+            mask[rows, p - len(prompt):] = True
+        mask[n:, -1] = True  # batch padding rows: one real (pad) token, so every row's last column is real
+
+        prog = self._program(b, p, s, spec)
+        state = nnx.state(self.model) if params is None else params
+        if self._param_shardings is not None:
+            state = jax.device_put(state, self._param_shardings)  # no copy when already placed so
+        cache = prog.prefill(state, self._put(ids[:, :-1], prog.batch_sharding),
+                             self._put(mask[:, :-1], prog.batch_sharding))
+        # The final cache is returned only so that the donated one can be updated in place; it is dropped here.
+        tokens, logprobs, lengths, eos, _ = prog.decode(state, cache, self._put(ids[:, -1], prog.row_sharding), key)
+        tokens, logprobs, lengths, eos = (self._get(x)[:n] for x in (tokens, logprobs, lengths, eos))
+        steps = np.arange(config.max_new_tokens)
+        return Rollout(
+            prompt_tokens=ids[:n], prompt_mask=mask[:n], tokens=tokens, logprobs=logprobs,
+            mask=steps[None, :] < lengths[:, None], lengths=lengths,
+            finish_reason=np.where(eos, FinishReason.EOS, FinishReason.LENGTH).astype(np.int32))
+
+
+def _decode_loop(model, cache: KVCache, last: jax.Array, key: jax.Array, spec: _DecodeSpec):
+    """Generates up to `spec.max_new_tokens` tokens per row, stopping once every row has produced an EOS.
+
+    Args:
+      model: the merged `CausalLM`.
+      cache: holds the prompts but their last column.
+      last: `[B] int32`, the last prompt column (fed first).
+      key: PRNG key; step t samples with `fold_in(key, t)`.
+    Returns:
+      `tokens [B, M] int32` (pad after the end), `logprobs [B, M] float32` (0 after the end), `lengths [B] int32`,
+      `eos [B] bool` (whether the row ended with an EOS), and the final cache.
+    """
+    b, m = last.shape[0], spec.max_new_tokens
+    eos_ids = jnp.asarray(spec.eos_token_ids, jnp.int32)
+
+    def cond(carry):
+        step, _, _, done, *_ = carry
+        return (step < m) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, token, done, tokens, logprobs, lengths = carry
+        logits, cache = model(token[:, None], cache=cache)
+        logits = logits[:, 0]
+        new = sample_logits(jax.random.fold_in(key, step), logits, temperature=spec.temperature,
+                            top_k=spec.top_k, top_p=spec.top_p)
+        logp = token_logprobs(logits, new)
+        new = jnp.where(done, spec.pad_token_id, new)
+        logp = jnp.where(done, 0.0, logp)
+        tokens = lax.dynamic_update_slice(tokens, new[:, None], (0, step))
+        logprobs = lax.dynamic_update_slice(logprobs, logp[:, None], (0, step))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(new, eos_ids)
+        return step + 1, cache, new, done, tokens, logprobs, lengths
+
+    init = (jnp.zeros((), jnp.int32), cache, last, jnp.zeros((b,), jnp.bool_),
+            jnp.full((b, m), spec.pad_token_id, jnp.int32), jnp.zeros((b, m), jnp.float32),
+            jnp.zeros((b,), jnp.int32))
+    _, cache, _, done, tokens, logprobs, lengths = lax.while_loop(cond, body, init)
+    return tokens, logprobs, lengths, done, cache

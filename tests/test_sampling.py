@@ -1,0 +1,279 @@
+"""Sampler against the full (uncached) forward: greedy argmax, log-probs, EOS, top-k/top-p sets, sample layout,
+determinism, compile counts, the params override, sharded meshes and input errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sfpo_jax.models import CausalLM, ModelConfig
+from sfpo_jax.parallel import make_mesh
+from sfpo_jax.sampling import FinishReason, Rollout, Sampler, SamplingConfig, sample_logits
+
+VOCAB = 96
+CONFIG = ModelConfig("qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=8, attention_bias=True, max_position_embeddings=256)
+PROMPTS = [[5, 17, 3, 9, 41, 2, 77], [11, 12, 13], [60], [i % VOCAB + 1 for i in range(12)]]
+PAD = 0
+
+
+def make_model(seed=0, scale=12.0):
+    """A tiny random model whose weights are scaled up so that its next-token distributions are peaked (greedy
+    paths are not decided by float noise) yet not one-hot (sampling has choices)."""
+    model = CausalLM(CONFIG, rngs=nnx.Rngs(seed))
+    nnx.update(model, jax.tree.map(lambda x: x * scale if x.ndim > 1 else x, nnx.state(model)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def sampler(model):
+    return Sampler(model, pad_token_id=PAD)
+
+
+@nnx.jit
+def _forward(model, ids):
+    return model(ids)
+
+
+def row_logits(model, rollout: Rollout, row: int) -> np.ndarray:
+    """`[max_new_tokens, V]` logits of the full forward on one unpadded row, at the positions that predict each
+    generated token (teacher forcing on the rollout's own tokens)."""
+    prompt = rollout.prompt_tokens[row][rollout.prompt_mask[row]]
+    seq = np.concatenate([prompt, rollout.tokens[row]])[None]
+    logits = np.asarray(_forward(model, jnp.asarray(seq)))[0]
+    return logits[len(prompt) - 1: len(prompt) - 1 + rollout.tokens.shape[1]]
+
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_greedy_equals_full_forward_argmax_on_ragged_batch(model, sampler):
+    config = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    r = sampler.generate(PROMPTS, config, jax.random.key(0))
+    n, p = len(PROMPTS), 16
+    assert r.tokens.shape == r.logprobs.shape == r.mask.shape == (n, 8)
+    assert r.prompt_tokens.shape == r.prompt_mask.shape == (n, p)
+    assert r.tokens.dtype == np.int32 and r.logprobs.dtype == np.float32 and r.mask.dtype == bool
+    for i, prompt in enumerate(PROMPTS):  # left-padded to the bucket
+        np.testing.assert_array_equal(r.prompt_tokens[i, p - len(prompt):], prompt)
+        assert r.prompt_mask[i].sum() == len(prompt) and r.prompt_mask[i, p - len(prompt):].all()
+        assert (r.prompt_tokens[i, : p - len(prompt)] == PAD).all()
+    assert r.mask.all() and (r.lengths == 8).all() and (r.finish_reason == FinishReason.LENGTH).all()
+    for i in range(n):
+        logits = row_logits(model, r, i)
+        np.testing.assert_array_equal(r.tokens[i], logits.argmax(-1))
+        expected = np.take_along_axis(log_softmax(logits), r.tokens[i][:, None], -1)[:, 0]
+        np.testing.assert_allclose(r.logprobs[i], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("controls", [dict(temperature=1.0), dict(temperature=0.7, top_k=8, top_p=0.9)])
+def test_logprobs_equal_teacher_forced_full_forward(model, sampler, controls):
+    """Log-probs are the temperature-1 policy's, whatever the sampling controls; checked on the padded
+    `[prompt_tokens | tokens]` batch exactly as the trainer recomputes them."""
+    r = sampler.generate(PROMPTS, SamplingConfig(max_new_tokens=10, num_samples=2, **controls), jax.random.key(1))
+    ids = np.concatenate([r.prompt_tokens, r.tokens], axis=1)
+    mask = np.concatenate([r.prompt_mask, r.mask], axis=1)
+    logits = np.asarray(nnx.jit(lambda m, x, a: m(x, attention_mask=a))(model, jnp.asarray(ids), jnp.asarray(mask)))
+    p = r.prompt_tokens.shape[1]
+    lp = np.take_along_axis(log_softmax(logits[:, p - 1:-1]), r.tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(r.logprobs, np.where(r.mask, lp, 0.0), atol=1e-4)
+    assert np.all(r.logprobs <= 0) and np.any(r.logprobs < -1e-3)
+
+
+def test_eos_masks_pads_and_finish_reasons(sampler):
+    """EOS is taken from the greedy output itself (row 0's third token), so it surely occurs."""
+    config = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    free = sampler.generate(PROMPTS, config, jax.random.key(0))
+    eos = int(free.tokens[0, 2])
+    r = sampler.generate(PROMPTS, SamplingConfig(max_new_tokens=8, temperature=0.0, eos_token_ids=(eos, VOCAB - 1)),
+                         jax.random.key(0))
+    stopped = 0
+    for i in range(len(PROMPTS)):
+        hits = np.flatnonzero(np.isin(free.tokens[i], [eos, VOCAB - 1]))
+        length = hits[0] + 1 if hits.size else 8
+        stopped += bool(hits.size)
+        assert r.lengths[i] == length
+        assert r.finish_reason[i] == (FinishReason.EOS if hits.size else FinishReason.LENGTH)
+        np.testing.assert_array_equal(r.mask[i], np.arange(8) < length)
+        np.testing.assert_array_equal(r.tokens[i, :length], free.tokens[i, :length])
+        np.testing.assert_allclose(r.logprobs[i, :length], free.logprobs[i, :length], atol=1e-6)
+        assert (r.tokens[i, length:] == PAD).all() and (r.logprobs[i, length:] == 0).all()
+    assert stopped >= 1 and r.lengths[0] <= 3
+
+
+class FakeTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(t) for t in ids if not (skip_special_tokens and t == 7))
+
+
+def test_texts_stop_at_eos():
+    r = Rollout(prompt_tokens=np.zeros((2, 1), np.int32), prompt_mask=np.ones((2, 1), bool),
+                tokens=np.array([[3, 7, 0], [4, 5, 6]], np.int32), logprobs=np.zeros((2, 3), np.float32),
+                mask=np.array([[1, 1, 0], [1, 1, 1]], bool), lengths=np.array([2, 3], np.int32),
+                finish_reason=np.array([0, 1], np.int32))
+    assert r.texts(FakeTokenizer()) == ["3", "4 5 6"]
+    assert r.texts(FakeTokenizer(), skip_special_tokens=False) == ["3 7", "4 5 6"]
+
+
+def allowed_sets(logits, temperature, top_k, top_p, slack=1e-4):
+    """Boolean `[..., V]` of tokens the controls may pick, from full-forward logits (slack for float ties)."""
+    scaled = logits / temperature
+    allowed = np.ones_like(scaled, bool)
+    if top_k:
+        kth = np.sort(scaled, -1)[..., -top_k][..., None]
+        allowed &= scaled >= kth - slack
+    if top_p < 1:
+        masked = np.where(allowed, scaled, -np.inf)
+        probs = np.exp(masked - masked.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        order = np.argsort(-probs, -1)
+        sorted_p = np.take_along_axis(probs, order, -1)
+        before = np.cumsum(sorted_p, -1) - sorted_p
+        keep_sorted = before < top_p + slack
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        allowed &= keep
+    return allowed
+
+
+@pytest.mark.parametrize("controls", [dict(top_k=3), dict(top_p=0.6), dict(top_k=6, top_p=0.5)])
+def test_top_k_top_p_tokens_lie_in_allowed_set(model, sampler, controls):
+    config = SamplingConfig(max_new_tokens=6, temperature=1.5, num_samples=4, **controls)
+    r = sampler.generate(PROMPTS, config, jax.random.key(2))
+    for i in range(r.tokens.shape[0]):
+        allowed = allowed_sets(row_logits(model, r, i), 1.5, config.top_k, config.top_p)
+        assert allowed[np.arange(6), r.tokens[i]].all(), (i, r.tokens[i])
+        assert allowed.sum(-1).max() < VOCAB  # the restriction is not vacuous
+    assert len(np.unique(r.tokens)) > 6  # and sampling still has choices
+
+
+def test_sample_logits_top_k_one_is_greedy():
+    logits = jax.random.normal(jax.random.key(0), (5, 50))
+    np.testing.assert_array_equal(sample_logits(jax.random.key(1), logits, temperature=2.0, top_k=1),
+                                  jnp.argmax(logits, -1))
+    np.testing.assert_array_equal(sample_logits(jax.random.key(1), logits, temperature=2.0, top_p=1e-6),
+                                  jnp.argmax(logits, -1))
+
+
+def test_num_samples_layout_and_determinism(sampler):
+    config = SamplingConfig(max_new_tokens=6, num_samples=3)
+    a = sampler.generate(PROMPTS, config, jax.random.key(3))
+    b = sampler.generate(PROMPTS, config, jax.random.key(3))
+    c = sampler.generate(PROMPTS, config, jax.random.key(4))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.tokens, c.tokens)
+    assert a.tokens.shape == (12, 6)
+    np.testing.assert_array_equal(a.prompt_tokens, np.repeat(a.prompt_tokens[::3], 3, axis=0))
+    for i, prompt in enumerate(PROMPTS):
+        group = a.prompt_tokens[3 * i: 3 * i + 3]
+        assert (group[:, -len(prompt):] == prompt).all()
+    # Samples of one group differ (independent draws), greedy ones coincide.
+    assert len({tuple(t) for t in a.tokens[:3]}) > 1
+    g = sampler.generate(PROMPTS, SamplingConfig(max_new_tokens=6, temperature=0.0, num_samples=3),
+                         jax.random.key(3))
+    np.testing.assert_array_equal(g.tokens, np.repeat(g.tokens[::3], 3, axis=0))
+
+
+def test_compiles_once_per_bucket(model):
+    sampler = Sampler(model, prompt_buckets=(8, 32))
+    config = SamplingConfig(max_new_tokens=4)
+    rng = np.random.default_rng(0)
+    for n, length in [(3, 5), (5, 8), (8, 2), (1, 7)]:  # batch ≤ 8, prompts ≤ 8: one bucket
+        prompts = [rng.integers(1, VOCAB, rng.integers(1, length + 1)).tolist() for _ in range(n - 1)]
+        sampler.generate([*prompts, [1] * length], config, jax.random.key(n))
+    assert sampler.num_traces == 2  # one prefill, one decode
+    sampler.generate([[1] * 20], config, jax.random.key(0))  # the next prompt bucket
+    sampler.generate([[2] * 9, [3]], config, jax.random.key(1))
+    assert sampler.num_traces == 4
+    assert len(sampler._programs) == 2
+    assert all(p.decode._cache_size() == 1 and p.prefill._cache_size() == 1 for p in sampler._programs.values())
+
+
+def test_params_override_equals_updated_model(model):
+    other = make_model(seed=1)
+    sampler = Sampler(model)
+    config = SamplingConfig(max_new_tokens=6, temperature=0.8)
+    own = sampler.generate(PROMPTS, config, jax.random.key(5))
+    traces = sampler.num_traces
+    _, new_state = nnx.split(other)
+    via_params = sampler.generate(PROMPTS, config, jax.random.key(5), params=new_state)
+    assert sampler.num_traces == traces  # new values, same programs
+    reference = Sampler(other).generate(PROMPTS, config, jax.random.key(5))
+    for x, y in zip(via_params, reference, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(own.tokens, via_params.tokens)
+    # The model's own state is untouched by the override.
+    np.testing.assert_array_equal(sampler.generate(PROMPTS, config, jax.random.key(5)).tokens, own.tokens)
+
+
+@pytest.mark.parametrize("axes", [dict(data=8), dict(data=4, tensor=2), dict(data=2, fsdp=2, tensor=2)])
+def test_sharded_greedy_equals_one_device(model, sampler, axes):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (forced CPU) devices")
+    config = SamplingConfig(max_new_tokens=8, temperature=0.0, num_samples=2)
+    single = sampler.generate(PROMPTS, config, jax.random.key(0))
+    sharded_sampler = Sampler(model, mesh=make_mesh(**axes), pad_token_id=PAD)
+    r = sharded_sampler.generate(PROMPTS, config, jax.random.key(0))
+    np.testing.assert_array_equal(r.tokens, single.tokens)
+    np.testing.assert_allclose(r.logprobs, single.logprobs, atol=1e-5)
+    prog = next(iter(sharded_sampler._programs.values()))
+    assert prog.batch_sharding.spec[0] is not None  # the batch really is split
+
+
+@pytest.mark.parametrize("prompts, config, match", [
+    ([], SamplingConfig(4), "non-empty"),
+    ([[1, 2], []], SamplingConfig(4), r"prompts\[1\] is empty"),
+    ([[1, VOCAB]], SamplingConfig(4), "outside the vocabulary"),
+    ([[-1, 2]], SamplingConfig(4), "outside the vocabulary"),
+    ([[1] * 250], SamplingConfig(8), "does not fit"),
+    ([[1]], SamplingConfig(4, eos_token_ids=(VOCAB,)), "eos_token_ids"),
+])
+def test_bad_inputs_raise_before_compiling(model, prompts, config, match):
+    sampler = Sampler(model)
+    with pytest.raises(ValueError, match=match):
+        sampler.generate(prompts, config, jax.random.key(0))
+    assert sampler.num_traces == 0
+
+
+def test_prompt_longer_than_max_cache_length(model):
+    sampler = Sampler(model, max_cache_length=24)
+    with pytest.raises(ValueError, match="max_cache_length=24"):
+        sampler.generate([[1] * 20], SamplingConfig(8), jax.random.key(0))
+    assert sampler.num_traces == 0
+    r = sampler.generate([[1] * 16], SamplingConfig(8, temperature=0.0), jax.random.key(0))
+    free = Sampler(model).generate([[1] * 16], SamplingConfig(8, temperature=0.0), jax.random.key(0))
+    np.testing.assert_array_equal(r.tokens, free.tokens)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(max_new_tokens=4, temperature=-1.0), "temperature=-1.0"),
+    (dict(max_new_tokens=4, top_k=-2), "top_k=-2"),
+    (dict(max_new_tokens=4, top_p=0.0), "top_p=0.0"),
+    (dict(max_new_tokens=4, top_p=1.5), "top_p=1.5"),
+    (dict(max_new_tokens=4, num_samples=0), "num_samples=0"),
+    (dict(max_new_tokens=4, eos_token_ids=(-3,)), "eos_token_ids"),
+])
+def test_sampling_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(pad_token_id=VOCAB), "pad_token_id"),
+    (dict(prompt_buckets=(32, 16)), "prompt_buckets"),
+    (dict(max_cache_length=1), "max_cache_length=1"),
+    (dict(batch_multiple=0), "batch_multiple=0"),
+])
+def test_sampler_argument_validation(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Sampler(model, **kwargs)
