@@ -221,3 +221,68 @@ def test_math_task_from_fixtures():
     assert chat.render(chat.train_problems()[0]).startswith("user: Find") and len(chat.eval_problems()) == 1
     with pytest.raises(ValueError, match="reward"):
         MathTask(train="aime25", eval="aime25", data_dir=FIXTURES, reward="exact")
+
+
+# A budget that compiles quickly and reaches partial accuracy: single-digit sums, a 2-layer hidden-64 model.
+TINY_WARMUP = dict(
+    hidden_size=64,
+    num_heads=2,
+    num_kv_heads=1,
+    intermediate_size=128,
+    batch_size=64,
+    learning_rate=1e-2,
+    max_steps=400,
+    eval_every=20,
+    num_eval=20,
+    stop_accuracy=0.25,
+)
+
+
+def test_warmup_reaches_partial_accuracy_and_is_cached(tmp_path, monkeypatch):
+    from sfpo_jax.models import from_pretrained, load_tokenizer
+    from sfpo_jax.tasks import warmup
+
+    task = ArithmeticTask(num_operands=2, digits=1, ops="+", num_train=80, num_eval=20)
+    cfg = warmup.WarmupConfig(**TINY_WARMUP)
+    monkeypatch.setenv("SFPO_JAX_CACHE", str(tmp_path))
+    path = warmup.warmup_policy(task, cfg)
+    assert path.parent == tmp_path / "warmup" and path.name.startswith("arithmetic-n2-d1-+-")
+    meta = warmup.load_warmup(task, cfg)[2]
+    assert cfg.stop_accuracy <= meta["eval_accuracy"] < 1.0, meta["history"]
+    assert meta["steps"] < cfg.max_steps
+
+    # The saved checkpoint and tokenizer reproduce the recorded greedy accuracy through the public loaders.
+    model, tok = from_pretrained(path, dtype=np.float32), load_tokenizer(path)
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+    greedy = warmup.make_greedy(graphdef, 4)
+    evals = task.eval_problems()
+    acc = warmup.accuracy(task, warmup.greedy_completions(greedy, params, task, evals, tok), evals)
+    assert acc == pytest.approx(meta["eval_accuracy"])
+
+    # Cached: a second call returns the same folder without training.
+    monkeypatch.setattr(warmup, "train_warmup", lambda *a, **k: pytest.fail("retrained a cached warm-up"))
+    assert warmup.warmup_policy(task, cfg) == path
+    # A different task configuration is a different cache entry.
+    other = ArithmeticTask(num_operands=2, digits=1, ops="+", num_train=80, num_eval=20, seed=1)
+    assert warmup.cache_key(other, cfg) != warmup.cache_key(task, cfg)
+
+
+def test_warmup_supervised_encoding():
+    from sfpo_jax.tasks.warmup import WarmupConfig, encode_supervised
+
+    tok = char_tokenizer()
+    task = CountdownTask(num_train=3, num_eval=1)
+    p = task.train_problems()[0]
+    ids, mask, loss_mask = encode_supervised(task, [p, Problem("1+1=", "2")], tok)
+    n_prompt, n_target = len(p.prompt), len(p.solution) + 1
+    assert tok.decode(ids[0, : n_prompt + n_target - 1]) == p.prompt + p.solution
+    assert ids[0, n_prompt + n_target - 1] == tok.eos_token_id
+    assert mask[0].sum() == n_prompt + n_target and mask[1].sum() == 4 + 2
+    # Trained positions are those predicting a target token or EOS.
+    np.testing.assert_array_equal(np.nonzero(loss_mask[0])[0], np.arange(n_prompt - 1, n_prompt + n_target - 1))
+    with pytest.raises(ValueError, match="stop_accuracy"):
+        WarmupConfig(stop_accuracy=0.0)
+    with pytest.raises(ValueError, match="num_heads"):
+        WarmupConfig(hidden_size=64, num_heads=3)
