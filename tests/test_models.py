@@ -150,8 +150,10 @@ def test_save_pretrained_round_trips_through_transformers(checkpoints, tmp_path)
     for arch in ("qwen2", "qwen3"):
         model = from_pretrained(checkpoints[arch], dtype=jnp.float32)
         out = tmp_path / arch
-        save_pretrained(model, out)
+        tokenizer = load_tokenizer(checkpoints[arch])
+        save_pretrained(model, out, tokenizer=tokenizer)
         assert read_config(out) == model.config
+        assert load_tokenizer(out).chat_template == tokenizer.chat_template
         np.testing.assert_array_equal(torch_logits(out, ids, mask)[real],
                                       torch_logits(checkpoints[arch], ids, mask)[real])
     # bfloat16 params are written as bfloat16 and reload bit-identically.

@@ -12,7 +12,9 @@ class KVCache(NamedTuple):
     """Keys and values of every layer for a batch of sequences, written slot by slot.
 
     All rows share the write position `index`: a left-padded prompt fills slots `[0, T)` with its padding
-    masked out, and every decode step then writes one slot for all rows.
+    masked out, and every decode step then writes one slot for all rows. The caller keeps `index + T <=
+    max_length`: under jit the write position cannot be checked, and `dynamic_update_slice` would clamp it
+    (overwriting the last slots).
 
     Attributes:
       k, v: `[num_layers, B, S, num_kv_heads, head_dim]`, keys after RoPE (and q/k norm), values.

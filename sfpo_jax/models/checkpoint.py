@@ -177,9 +177,10 @@ def from_pretrained(path: str | Path, *, dtype=jnp.bfloat16, mesh: jax.sharding.
     return nnx.merge(graphdef, state)
 
 
-def save_pretrained(model: CausalLM, path: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_pretrained(model: CausalLM, path: str | Path, *, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes `model` as a Hugging Face checkpoint folder (`config.json` + safetensors, in the params' dtype)
-    that `transformers.AutoModelForCausalLM.from_pretrained` loads. Tensors are gathered to host one at a time;
+    that `transformers.AutoModelForCausalLM.from_pretrained` loads, plus `tokenizer`'s files when given (so that
+    the folder can be served as is). Tensors are gathered to host one at a time;
     above `max_shard_bytes` the weights are split into `model-0000i-of-0000n.safetensors` with an index. With
     several processes, every process must call it (the gathers are collective) and process 0 writes."""
     from jax.experimental import multihost_utils
@@ -210,6 +211,8 @@ def save_pretrained(model: CausalLM, path: str | Path, *, max_shard_bytes: int =
     if write:
         path.mkdir(parents=True, exist_ok=True)
         model.config.to_hf(dtype=np.dtype(model.param_dtype).name).save_pretrained(path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}

@@ -87,8 +87,9 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture model_type={arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        if getattr(hf_config, "use_sliding_window", False):
-            raise ValueError("use_sliding_window=True is not supported (sliding-window attention)")
+        if getattr(hf_config, "use_sliding_window", False) or "sliding_attention" in (
+                getattr(hf_config, "layer_types", None) or ()):
+            raise ValueError(f"{arch}: sliding-window attention (use_sliding_window / layer_types) is not supported")
         # transformers 5 keeps theta and scaling together in `rope_parameters`; older configs have both apart.
         rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
         theta = float(rope.pop("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
@@ -140,18 +141,20 @@ class ModelConfig:
             bos_token_id=self.bos_token_id,
             eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             pad_token_id=self.pad_token_id,
+            head_dim=self.head_dim,
             architectures=[f"{_HF_CLASSES[self.architecture]}ForCausalLM"],
         )
         if self.architecture == "qwen2":
             if self.attention_out_bias or not self.attention_bias:
-                raise ValueError("qwen2 checkpoints have q/k/v biases and no output bias")
-        else:
-            if self.attention_bias != self.attention_out_bias:
-                raise ValueError(f"{self.architecture} ties q/k/v/o biases; got attention_bias="
+                raise ValueError("qwen2 checkpoints have q/k/v biases and no output bias; got attention_bias="
                                  f"{self.attention_bias}, attention_out_bias={self.attention_out_bias}")
-            kwargs.update(attention_bias=self.attention_bias, head_dim=self.head_dim)
+        elif self.attention_bias != self.attention_out_bias:
+            raise ValueError(f"{self.architecture} ties q/k/v/o biases; got attention_bias={self.attention_bias}, "
+                             f"attention_out_bias={self.attention_out_bias}")
+        else:
+            kwargs.update(attention_bias=self.attention_bias)
         if self.architecture == "llama":
             kwargs.update(mlp_bias=self.mlp_bias)
-        elif self.head_dim * self.num_heads != self.hidden_size and self.architecture == "qwen2":
-            raise ValueError(f"qwen2 requires head_dim * num_heads == hidden_size, got head_dim={self.head_dim}")
+        elif self.mlp_bias:
+            raise ValueError(f"mlp_bias=True is not supported for {self.architecture}")
         return getattr(transformers, f"{_HF_CLASSES[self.architecture]}Config")(**{**kwargs, **overrides})

@@ -229,15 +229,17 @@ class CausalLM(nnx.Module):
             attn_mask = (jnp.arange(t)[None, :] <= query_slot)[None] & mask[:, None, :]  # [B, T, T]
             kv = index = None
         else:
+            if t > cache.max_length:
+                raise ValueError(f"{t} new tokens do not fit a cache of max_length={cache.max_length}")
             kv_mask = lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
             visible = jnp.arange(cache.max_length)[None, :] <= cache.index + query_slot  # [T, S]
             attn_mask = visible[None] & kv_mask[:, None, :]
             kv, index = (cache.k, cache.v), cache.index
 
         inv_freq = rope_inv_freq(self.config)
+        call = nnx.remat(_call_layer, static_argnums=(6,)) if self.remat else _call_layer
         x = self.embed_tokens[...].astype(self.dtype)[input_ids]
         for i, layer in enumerate(self.layers):
-            call = nnx.remat(_call_layer, static_argnums=(6,)) if self.remat else _call_layer
             x, kv = call(layer, x, positions, inv_freq, attn_mask, kv, i, index)
         x = self.norm(x)
         if self.lm_head is None:

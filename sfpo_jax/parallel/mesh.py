@@ -56,11 +56,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types, devices=devices)
 
 
-def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules: Mapping | None = None,
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules: Mapping | None = DEFAULT_RULES,
                      shape: Sequence[int] | None = None) -> NamedSharding:
     """The `NamedSharding` of an array whose dimensions have the given logical names.
 
-    A logical axis maps to the mesh axes that `rules` (default `DEFAULT_RULES`) give it. A mesh axis of size 1,
+    A logical axis maps to the mesh axes that `rules` (None: `DEFAULT_RULES`) give it. A mesh axis of size 1,
     one already used by an earlier dimension, or (when `shape` is given) one whose size does not divide the
     dimension is simply not used: that dimension is replicated over it instead. `None` names replicate.
     """
