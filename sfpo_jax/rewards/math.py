@@ -157,7 +157,7 @@ class MathGrader:
     Calls are serialised by a lock, so one grader can be shared by threads.
 
     Args:
-      num_workers: worker processes; default ``min(4, os.cpu_count())``.
+      num_workers: worker processes; default ``min(8, os.cpu_count())``.
       timeout: per-item deadline in seconds, counted from the moment a ready worker receives the item.
       max_answer_chars: boxed answers longer than this score 0 without being parsed.
       max_memory_mb: address-space limit of each worker (0 disables it).
@@ -175,7 +175,7 @@ class MathGrader:
         start_method: str = "spawn",
     ):
         if num_workers is None:
-            num_workers = max(1, min(4, os.cpu_count() or 1))
+            num_workers = max(1, min(8, os.cpu_count() or 1))
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if not timeout > 0:
@@ -280,8 +280,9 @@ class MathGrader:
             with self._lock:
                 self._run(jobs, correct, status)
         result = GradeResult(correct=correct, status=status)
-        for k, v in result.metrics().items():
-            self.stats[k] += v
+        with self._lock:
+            for k, v in result.metrics().items():
+                self.stats[k] += v
         return result
 
     def _run(self, jobs: list[tuple[int, str, str]], correct: np.ndarray, status: np.ndarray) -> None:
