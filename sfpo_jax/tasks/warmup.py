@@ -284,6 +284,8 @@ def warmup_policy(
         meta = {"task": task.name, "config": dataclasses.asdict(cfg), **metrics}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2))
         if path.exists():
+            if (path / METADATA_FILE).is_file() and not force:
+                return path  # another process finished the same warm-up first: keep its files
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
