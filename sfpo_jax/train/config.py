@@ -30,12 +30,12 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The policy. ``path`` is a Hugging Face checkpoint folder, or ``warmup:<task>`` for the cached tiny
-    policy that :mod:`sfpo_jax.tasks.warmup` trains for a built-in task."""
+    """The policy: ``path`` is a Hugging Face checkpoint folder or hub id, or ``warmup`` for the cached tiny
+    policy that :mod:`sfpo_jax.tasks.warmup` trains on the run's task (``warmup`` holds its config fields)."""
 
     path: str = "warmup"
     dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: bool = False
+    warmup: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # sfpo_jax.tasks.warmup.WarmupConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,6 @@ class OptimConfig:
     b2: float = 0.999
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
-    warmup_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,195 @@
+"""The RL loop: GRPO or SFPO over one rollout batch per step, readable top to bottom.
+
+Per step: problems → ``group_size`` completions each (sampler, at the slow point θ_s) → rewards → group
+advantages → ``calls_per_batch(opt_state)`` optimizer calls over the mini-batches (the SFPO transform decides:
+K+1 epochs while active, one after its entropy switch) → metrics → periodic evaluation → checkpoint. GRPO is
+the same loop with ``num_fast_steps=0``.
+
+Determinism: the data order and every PRNG key are pure functions of ``(seed, step)``, and a checkpoint holds
+params, optimizer state and counters, so a run killed at any moment and resumed ends exactly where an
+uninterrupted run ends (same device count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sfpo_jax.optim import calls_per_batch, sfpo_active
+from sfpo_jax.parallel import logical_sharding, make_mesh
+from sfpo_jax.rl import grpo
+from sfpo_jax.sampling import Sampler, SamplingConfig
+from sfpo_jax.train import step as learner
+from sfpo_jax.train.checkpoint import Checkpointer
+from sfpo_jax.train.config import Config, save_config, to_dict
+from sfpo_jax.train.metrics import MetricsLogger, PhaseTimer
+from sfpo_jax.train.policy import load_policy, task_from_config
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer calls in a row had non-finite loss or gradients (the last good checkpoint is kept)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run leaves in memory (everything is also on disk under ``out_dir``)."""
+
+    model: nnx.Module
+    tokenizer: Any
+    opt_state: Any
+    history: list[dict]
+    out_dir: Path
+
+
+def batch_indices(num_problems: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Problem indices of ``step``: consecutive slices of seeded per-epoch permutations, so the data order is a
+    pure function of ``(seed, step)``."""
+    out: list[int] = []
+    position = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(position + len(out), num_problems)
+        perm = np.random.default_rng([seed, epoch]).permutation(num_problems)
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    return np.asarray(out)
+
+
+def mesh_from_config(cfg: Config):
+    """The run's mesh; with no ``-1`` axis and fewer devices than the machine has, the first ones are used."""
+    m, devices = cfg.mesh, jax.devices()
+    size = m.data * m.fsdp * m.tensor
+    if -1 not in (m.data, m.fsdp, m.tensor) and 0 < size < len(devices):
+        devices = devices[:size]
+    return make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+
+
+def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
+    """Runs the configured RL training; ``resume`` continues from the last checkpoint in ``cfg.run.out``."""
+    out, is_main = Path(cfg.run.out), jax.process_index() == 0
+    task = task if task is not None else task_from_config(cfg)
+    mesh = mesh_from_config(cfg)
+    model, tokenizer = load_policy(cfg, task, mesh=mesh)
+    graphdef, params = nnx.split(model)
+    tx = learner.make_optimizer(cfg)
+    opt_state = tx.init(params)
+    sampler = Sampler(model, mesh=mesh, pad_token_id=tokenizer.pad_token_id)
+    train_problems, eval_problems = task.train_problems(), task.eval_problems()[: cfg.eval.max_problems]
+
+    r, M, G = cfg.rollout, cfg.rollout.num_minibatches, cfg.rollout.group_size
+    rollout_cfg = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
+                                 top_p=r.top_p, eos_token_ids=(tokenizer.eos_token_id,), num_samples=G)
+    num_micro = learner.micro_batches_per_minibatch(r.prompts_per_step * G // M, r.micro_batch_size)
+    update = learner.make_update_fn(graphdef, tx, cfg, num_micro)
+    batch_sharding = logical_sharding(mesh, ("batch",))
+    base_key = jax.random.key(cfg.run.seed)
+
+    ckpt = Checkpointer(out / "checkpoints", keep=cfg.run.keep_checkpoints)
+    timer, step0 = PhaseTimer(), 0
+    totals = {"rollouts": 0, "nonfinite_total": 0, "nonfinite_in_a_row": 0}
+    if resume and ckpt.latest_step() is not None:
+        (params, opt_state), meta = ckpt.restore(target=(params, opt_state))
+        step0, totals = meta["step"], meta["totals"]
+        timer.load(meta["timer"])
+    elif ckpt.latest_step() is not None:
+        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue it, or use a new --out")
+    if is_main:
+        save_config(cfg, out / "config.yaml")
+    logger = MetricsLogger(out, tensorboard=cfg.run.tensorboard, enabled=is_main,
+                           resume_step=step0 if resume else None)
+
+    def encode(problems):
+        return [tokenizer.encode(task.render(p), add_special_tokens=False) for p in problems]
+
+    bar = tqdm(range(step0, cfg.run.steps), initial=step0, total=cfg.run.steps, desc=cfg.algo,
+               disable=not (cfg.run.progress and is_main), dynamic_ncols=True)
+    for step in bar:
+        key = jax.random.fold_in(base_key, step)
+        problems = [train_problems[i] for i in batch_indices(len(train_problems), r.prompts_per_step, step,
+                                                             cfg.run.seed)]
+        with timer("sample"):
+            rollout = sampler.generate(encode(problems), rollout_cfg, key, params=params)
+        with timer("score"):
+            answers = [p.answer for p in problems for _ in range(G)]
+            rewards = np.asarray(task.reward(rollout.texts(tokenizer), answers), np.float32)
+            advantages = np.asarray(grpo.group_advantages(rewards, G, scale_by_std=cfg.loss.scale_adv_by_std))
+        with timer("update"):
+            active = sfpo_active(opt_state)
+            batch = jax.device_put(learner.make_batch(rollout, advantages), batch_sharding)
+            minibatches = learner.split_minibatches(batch, M)
+            call_metrics = []
+            for call in range(calls_per_batch(opt_state)):
+                params, opt_state, m = update(params, opt_state, minibatches[call % M])
+                m = jax.device_get(m)
+                call_metrics.append(m)
+                finite = bool(np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]))
+                totals["nonfinite_total"] += int(not finite)
+                totals["nonfinite_in_a_row"] = 0 if finite else totals["nonfinite_in_a_row"] + 1
+                if totals["nonfinite_in_a_row"] >= cfg.run.max_nonfinite_in_a_row:
+                    raise NonFiniteError(
+                        f"step {step + 1}: {totals['nonfinite_in_a_row']} optimizer calls in a row had non-finite "
+                        f"loss or gradients (skipped); the last good checkpoint in {ckpt.directory} is intact")
+        totals["rollouts"] += len(rewards)
+
+        row = {"step": step + 1, "rollouts": totals["rollouts"], "sfpo_active": active,
+               "optimizer_calls": len(call_metrics), "nonfinite_total": totals["nonfinite_total"],
+               **rollout_metrics(rewards, rollout, G), **reduce_call_metrics(call_metrics),
+               "lr": cfg.optim.learning_rate,
+               "time/tokens_per_second": float(rollout.lengths.sum()) / max(timer.last("sample"), 1e-9)}
+        if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.run.steps):
+            with timer("eval"):
+                eval_key = jax.random.fold_in(jax.random.fold_in(base_key, step), 1)
+                row |= evaluate(sampler, params, task, eval_problems, encode, tokenizer, cfg, eval_key)
+        row |= timer.totals()
+        logger.log(row)
+        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", sfpo=active, refresh=False)
+        if cfg.run.checkpoint_every and ((step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps):
+            meta = {"step": step + 1, "totals": totals, "timer": timer.state(), "config": to_dict(cfg)}
+            ckpt.save(step + 1, (params, opt_state), meta)
+    bar.close()
+    ckpt.close()
+    logger.close()
+    nnx.update(model, params)
+    return TrainResult(model=model, tokenizer=tokenizer, opt_state=opt_state, history=logger.rows, out_dir=out)
+
+
+def rollout_metrics(rewards: np.ndarray, rollout, group_size: int) -> dict[str, float]:
+    """Reward, accuracy (reward ≥ 1), zero-variance groups and response lengths of one rollout batch."""
+    groups = rewards.reshape(-1, group_size)
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()),
+        "accuracy": float((rewards >= 1.0).mean()),
+        "zero_variance_groups": float((groups.max(1) == groups.min(1)).mean()),
+        "response_length/mean": float(rollout.lengths.mean()),
+        "response_length/max": int(rollout.lengths.max()),
+        "finished": float((rollout.finish_reason == 0).mean()),
+    }
+
+
+def reduce_call_metrics(calls: list[dict]) -> dict[str, float]:
+    """One row's learner metrics: the mean over the batch's optimizer calls (min / max for the ratio extremes);
+    ``entropy`` is the last call's, the value SFPO's switch records."""
+    out = {}
+    for k in calls[0]:
+        values = np.asarray([c[k] for c in calls], np.float64)
+        reduce = {"ratio_min": np.min, "ratio_max": np.max}.get(k, np.mean)
+        out[f"train/{k}"] = float(reduce(values))
+    out["entropy"] = float(calls[-1]["entropy"])
+    return out
+
+
+def evaluate(sampler, params, task, problems, encode, tokenizer, cfg: Config, key) -> dict[str, float]:
+    """pass@1 on the eval problems as the mean over ``eval.num_samples`` samples each (the paper's avg@k)."""
+    e = cfg.eval
+    scfg = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+                          eos_token_ids=(tokenizer.eos_token_id,), num_samples=e.num_samples)
+    rollout = sampler.generate(encode(problems), scfg, key, params=params)
+    answers = [p.answer for p in problems for _ in range(e.num_samples)]
+    rewards = np.asarray(task.reward(rollout.texts(tokenizer), answers), np.float32)
+    return {f"eval/{task.name}/accuracy": float((rewards >= 1.0).mean()),
+            f"eval/{task.name}/reward": float(rewards.mean())}

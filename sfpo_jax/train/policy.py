@@ -1,0 +1,55 @@
+"""Where the policy and the task of a run come from: a Hugging Face checkpoint folder (or hub id), or the
+cached warm-up policy of a built-in task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from sfpo_jax.models import from_pretrained, load_tokenizer
+from sfpo_jax.tasks import load_task
+from sfpo_jax.train.config import Config
+
+WARMUP = "warmup"
+
+
+def task_from_config(cfg: Config):
+    """The run's task: ``task.name`` (``module.path:factory`` or a built-in name) called with ``task.kwargs``."""
+    return load_task(cfg.task.name, **cfg.task.kwargs)
+
+
+def policy_path(cfg: Config, task) -> Path:
+    """The checkpoint folder of the initial policy, training and caching the warm-up policy when asked for it.
+
+    ``model.path`` is ``warmup`` (the task's cached supervised warm-up), a local folder, or a Hugging Face hub
+    id (downloaded with ``huggingface_hub.snapshot_download``, which needs network access).
+    """
+    if cfg.model.path == WARMUP:
+        from sfpo_jax.tasks.warmup import WarmupConfig, warmup_policy
+
+        return warmup_policy(task, WarmupConfig(**cfg.model.warmup))
+    path = Path(cfg.model.path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or cfg.model.path.startswith((".", "/", "~")) or cfg.model.path.count("/") != 1:
+        raise FileNotFoundError(f"model.path={cfg.model.path!r} is not a checkpoint folder nor a hub id")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(cfg.model.path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+
+
+def prepare_policy(cfg: Config) -> Path:
+    """Makes sure the initial policy is on disk (trains the warm-up once, before parallel runs start)."""
+    return policy_path(cfg, task_from_config(cfg))
+
+
+def load_policy(cfg: Config, task, *, mesh=None, rules=None):
+    """``(model, tokenizer)`` of the run's initial policy, in ``model.dtype``, sharded over ``mesh``."""
+    path = policy_path(cfg, task)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
+    model = from_pretrained(path, dtype=dtype, mesh=mesh, rules=rules)
+    tokenizer = load_tokenizer(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

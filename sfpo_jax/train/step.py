@@ -1,0 +1,176 @@
+"""The learner side of one RL step, as pure functions: the optimizer, the policy's token log-probs on a
+rollout batch, and one jitted optimizer call (a mini-batch accumulated over micro-batches).
+
+Everything here is a function of arrays; the loop in :mod:`sfpo_jax.train.loop` decides what to call when.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sfpo_jax.optim import sfpo
+from sfpo_jax.rl import grpo
+from sfpo_jax.train.config import Config
+
+
+class Batch(NamedTuple):
+    """A rollout batch laid out for the learner: N sequences of P prompt tokens then T completion tokens.
+
+    Attributes:
+      tokens: ``[N, P+T] int32``, the left-padded prompt followed by the (right-padded) completion.
+      attention_mask: ``[N, P+T] bool``, real tokens.
+      completion_mask: ``[N, T] bool``, completion tokens that the loss sees (up to and including EOS).
+      old_logp: ``[N, T] float32``, log-probs of the completion under the rollout policy θ_s.
+      advantages: ``[N] float32``, group-normalised advantages.
+      ref_logp: ``[N, T] float32`` under the reference policy, or ``[N, 0]`` when no KL term is used.
+    """
+
+    tokens: jax.Array
+    attention_mask: jax.Array
+    completion_mask: jax.Array
+    old_logp: jax.Array
+    advantages: jax.Array
+    ref_logp: jax.Array
+
+
+def make_optimizer(cfg: Config) -> optax.GradientTransformationExtraArgs:
+    """AdamW (with global-norm clipping) followed by SFPO; ``algo=grpo`` gives ``num_fast_steps=0``.
+
+    Wrapped in :func:`optax.apply_if_finite`, so a non-finite gradient skips the call without touching the
+    params or any state (the SFPO cycle included). Its ``max_consecutive_errors`` is set out of reach because
+    the loop, not optax, decides when too many in a row must stop the run.
+    """
+    o = cfg.optim
+    parts = []
+    if o.max_grad_norm is not None:
+        parts.append(optax.clip_by_global_norm(o.max_grad_norm))
+    parts.append(optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+    parts.append(
+        sfpo(
+            num_fast_steps=cfg.num_fast_steps,
+            alpha=cfg.sfpo.alpha,
+            num_minibatches=cfg.rollout.num_minibatches,
+            entropy_window=cfg.sfpo.entropy_window,
+            entropy_threshold=cfg.sfpo.entropy_threshold,
+        )
+    )
+    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**30)
+
+
+def completion_logprobs(model, batch_tokens, attention_mask, completion_mask):
+    """Log-probs and entropies of the completion tokens under ``model``.
+
+    Args:
+      model: a :class:`sfpo_jax.models.CausalLM`.
+      batch_tokens: ``[N, P+T] int32``; attention_mask: ``[N, P+T]``; completion_mask: ``[N, T]``.
+
+    Returns:
+      ``(logp, entropy)``, both ``[N, T] float32`` and zero where ``completion_mask`` is 0.
+    """
+    T = completion_mask.shape[1]
+    logits = model(batch_tokens, attention_mask=attention_mask)  # [N, P+T, V] float32
+    # The logit at position t predicts token t+1: the completion's T tokens are predicted by [P-1, P+T-1).
+    return grpo.token_logprobs_and_entropy(logits[:, -T - 1 : -1], batch_tokens[:, -T:], completion_mask)
+
+
+def minibatch_loss(params, graphdef, batch: Batch, cfg: Config, num_tokens, num_seqs):
+    """The GRPO loss of one micro-batch, normalised by the whole mini-batch's token and sequence counts, so
+    that the micro-batch losses (and their gradients) add up to the mini-batch's."""
+    model = nnx.merge(graphdef, params)
+    logp, entropy = completion_logprobs(model, batch.tokens, batch.attention_mask, batch.completion_mask)
+    L = cfg.loss
+    use_kl = L.kl_coef > 0
+    return grpo.policy_loss(
+        logp,
+        batch.old_logp,
+        batch.advantages,
+        batch.completion_mask,
+        clip_low=L.clip_low,
+        clip_high=L.clip_high,
+        dual_clip=L.dual_clip,
+        agg=L.agg,
+        ref_logp=batch.ref_logp if use_kl else None,
+        kl_coef=L.kl_coef,
+        kl_estimator=L.kl_estimator,
+        entropy=entropy,
+        entropy_coef=L.entropy_coef,
+        num_tokens=num_tokens,
+        num_seqs=num_seqs,
+    )
+
+
+def make_update_fn(graphdef, tx: optax.GradientTransformationExtraArgs, cfg: Config, num_micro: int):
+    """One optimizer call: gradients of a mini-batch accumulated over ``num_micro`` micro-batches
+    (``lax.scan``, so memory is that of one micro-batch), then ``tx.update`` with the mini-batch's mean token
+    entropy (what SFPO's switch watches), then ``apply_updates``. Params and optimizer state are donated.
+
+    Returns ``update(params, opt_state, batch) -> (params, opt_state, metrics)``.
+    """
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(params, opt_state, batch: Batch):
+        num_tokens = jnp.maximum(batch.completion_mask.sum(), 1).astype(jnp.float32)
+        num_seqs = jnp.asarray(batch.completion_mask.shape[0], jnp.float32)
+        micro = jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
+        grad_fn = jax.value_and_grad(minibatch_loss, has_aux=True)
+
+        def accumulate(grads, mb):
+            (loss, metrics), g = grad_fn(params, graphdef, Batch(*mb), cfg, num_tokens, num_seqs)
+            return jax.tree.map(jnp.add, grads, g), (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, tuple(micro))
+        # Micro-batches are equal in size: their metrics average to the mini-batch's.
+        metrics = jax.tree.map(lambda m: m.mean(0), metrics)
+        metrics["loss"] = losses.sum()
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params, entropy=metrics["entropy"])
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, metrics
+
+    return update
+
+
+def split_minibatches(batch: Batch, num_minibatches: int) -> list[Batch]:
+    """Splits a batch along its first axis into ``num_minibatches`` equal, contiguous mini-batches.
+
+    Contiguous slices keep whole GRPO groups together when the number of prompts divides evenly.
+    """
+    n = batch.tokens.shape[0]
+    if n % num_minibatches:
+        raise ValueError(f"batch of {n} sequences does not split into num_minibatches={num_minibatches}")
+    size = n // num_minibatches
+    return [Batch(*(x[i * size : (i + 1) * size] for x in batch)) for i in range(num_minibatches)]
+
+
+def micro_batches_per_minibatch(minibatch_size: int, micro_batch_size: int | None) -> int:
+    """How many micro-batches one mini-batch is accumulated over (1 when ``micro_batch_size`` is None)."""
+    if micro_batch_size is None or micro_batch_size >= minibatch_size:
+        return 1
+    if minibatch_size % micro_batch_size:
+        raise ValueError(
+            f"rollout.micro_batch_size={micro_batch_size} must divide the mini-batch size {minibatch_size}"
+        )
+    return minibatch_size // micro_batch_size
+
+
+def make_batch(rollout, advantages: np.ndarray, ref_logp: np.ndarray | None = None) -> Batch:
+    """Lays a sampler :class:`~sfpo_jax.sampling.Rollout` and its advantages out as a learner :class:`Batch`."""
+    tokens = np.concatenate([np.asarray(rollout.prompt_tokens), np.asarray(rollout.tokens)], axis=1)
+    mask = np.concatenate([np.asarray(rollout.prompt_mask), np.asarray(rollout.mask)], axis=1)
+    n = tokens.shape[0]
+    return Batch(
+        tokens=tokens.astype(np.int32),
+        attention_mask=mask.astype(bool),
+        completion_mask=np.asarray(rollout.mask, bool),
+        old_logp=np.asarray(rollout.logprobs, np.float32),
+        advantages=np.asarray(advantages, np.float32),
+        ref_logp=np.zeros((n, 0), np.float32) if ref_logp is None else np.asarray(ref_logp, np.float32),
+    )

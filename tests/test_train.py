@@ -1,0 +1,151 @@
+"""The RL loop end to end on a tiny random policy: calls per batch, metrics, evaluation, checkpoints,
+resume after a real kill, non-finite handling, and sharded steps matching one device."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from sfpo_jax.models import CausalLM, ModelConfig, save_pretrained
+from sfpo_jax.tasks import ArithmeticTask, char_tokenizer
+from sfpo_jax.train import Checkpointer, NonFiniteError, deterministic, load_config, read_metrics, train
+from sfpo_jax.train.loop import batch_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 policy with the character tokenizer, as a Hugging Face folder."""
+    path = tmp_path_factory.mktemp("policy")
+    tok = char_tokenizer()
+    cfg = ModelConfig(architecture="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True, attention_bias=True)
+    save_pretrained(CausalLM(cfg, rngs=nnx.Rngs(0)), path)
+    tok.save_pretrained(path)
+    return path
+
+
+def overrides(policy_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.path={policy_dir}", "task.name=arithmetic", "task.kwargs={num_train: 64, num_eval: 4}",
+        "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=6",
+        "rollout.num_minibatches=2", "optim.learning_rate=3e-3", "sfpo.num_fast_steps=2", "eval.every=2",
+        "eval.num_samples=2", "run.checkpoint_every=1", "run.progress=false", "mesh.data=1", f"run.out={out}",
+        *extra,
+    ]
+
+
+def test_batch_indices_cover_each_epoch_once_and_are_pure():
+    a = np.concatenate([batch_indices(10, 4, s, seed=3) for s in range(5)])  # 20 draws = 2 epochs
+    assert sorted(a[:10]) == list(range(10)) and sorted(a[10:]) == list(range(10))
+    np.testing.assert_array_equal(batch_indices(10, 4, 3, seed=3), a[12:16])
+    assert not np.array_equal(batch_indices(10, 4, 0, seed=4), a[:4])
+
+
+@pytest.mark.parametrize(("algo", "calls"), [("sfpo", (2 + 1) * 2), ("grpo", 2)])
+def test_loop_runs_and_logs(policy_dir, tmp_path, algo, calls):
+    cfg = load_config(None, [*overrides(policy_dir, tmp_path), f"algo={algo}", "run.steps=2"])
+    result = train(cfg)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and rows == result.history
+    assert [r["rollouts"] for r in rows] == [16, 32]
+    assert all(r["optimizer_calls"] == calls for r in rows)
+    assert all(r["sfpo_active"] == (algo == "sfpo") for r in rows)
+    for key in ("reward/mean", "accuracy", "zero_variance_groups", "entropy", "train/grad_norm",
+                "train/clip_frac", "train/approx_kl", "time/sample", "time/update", "time/total"):
+        assert key in rows[-1], key
+    eval_key = f"eval/{ArithmeticTask(num_train=64, num_eval=4).name}/accuracy"
+    assert eval_key in rows[1] and not any(k.startswith("eval/") for k in rows[0])
+    assert Checkpointer(tmp_path / "checkpoints").latest_step() == 2
+    assert (tmp_path / "config.yaml").is_file()
+    # The params moved, and a run that is not resumed refuses to overwrite the checkpoints.
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg)
+
+
+def test_killed_run_resumes_to_the_same_params_and_metrics(policy_dir, tmp_path):
+    steps = 4
+    cli = [sys.executable, str(ROOT / "experiments" / "train.py"), "--algo", "sfpo", "--steps", str(steps)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+    def run(out, *extra, wait=True):
+        cmd = [*cli, "--out", str(out), *extra, *overrides(policy_dir, out)[:-1]]
+        if wait:
+            subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
+        else:
+            return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    run(tmp_path / "full", "--export", str(tmp_path / "full" / "export"))
+    proc = run(tmp_path / "killed", wait=False)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(read_metrics(metrics)) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(read_metrics(metrics)) < steps
+    run(tmp_path / "killed", "--resume", "--export", str(tmp_path / "killed" / "export"))
+
+    full, resumed = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "killed"))
+    assert [deterministic(r) for r in resumed] == [deterministic(r) for r in full]
+    assert len(full) == steps
+    a, b = (load_file(tmp_path / d / "export" / "model.safetensors") for d in ("full", "killed"))
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+class NaNAfter(ArithmeticTask):
+    """Arithmetic whose rewards turn NaN from the ``bad_from``-th scoring call on (a poisoned batch)."""
+
+    def __init__(self, bad_from: int, **kwargs):
+        super().__init__(**kwargs)
+        self.bad_from, self.calls = bad_from, 0
+
+    def reward(self, completions, answers):
+        self.calls += 1
+        r = super().reward(completions, answers)
+        return np.full_like(r, np.nan) if self.calls >= self.bad_from else r
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(policy_dir, tmp_path):
+    cfg = load_config(None, [*overrides(policy_dir, tmp_path), "run.steps=4", "eval.every=0",
+                             "run.max_nonfinite_in_a_row=4"])
+    task = NaNAfter(bad_from=3, num_train=64, num_eval=4)
+    with pytest.raises(NonFiniteError, match="step 3: 4 optimizer calls in a row"):
+        train(cfg, task=task)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["nonfinite_total"] == 0
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    assert ckpt.all_steps() == [1, 2]
+    # The last good checkpoint is whole: the run resumes from it (and fails again on the same poisoned batch).
+    with pytest.raises(NonFiniteError, match="step 3"):
+        train(cfg, resume=True, task=NaNAfter(bad_from=1, num_train=64, num_eval=4))
+
+
+@pytest.mark.parametrize("mesh", [["mesh.data=8"], ["mesh.data=2", "mesh.fsdp=4"]], ids=["data", "fsdp"])
+def test_sharded_step_matches_one_device(policy_dir, tmp_path, mesh):
+    assert jax.device_count() == 8
+    common = [*overrides(policy_dir, tmp_path), "run.steps=1", "eval.every=0", "run.checkpoint_every=0",
+              "rollout.prompts_per_step=8", "rollout.num_minibatches=2"]
+    one = train(load_config(None, [*common, "run.out=" + str(tmp_path / "one")]))
+    many = train(load_config(None, [*common, "run.out=" + str(tmp_path / "many"), "mesh.data=-1", *mesh]))
+    assert deterministic(one.history[0])["reward/mean"] == deterministic(many.history[0])["reward/mean"]
+    a, b = nnx.state(one.model, nnx.Param), nnx.state(many.model, nnx.Param)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert len(y.sharding.device_set) > 1 or x.size < 8
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
