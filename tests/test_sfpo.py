@@ -68,18 +68,33 @@ OPTAX_INNER = {
 }
 
 
-def reference_trajectory(inner, theta, data, num_fast_steps, alphas, num_minibatches):
-    """The three stages, one epoch of M inner steps per arrow; returns θ after every batch."""
+def reference_trajectory(
+    inner, theta, data, num_fast_steps, alphas, num_minibatches, slow_correction=True, plain_after=None
+):
+    """The three stages, one epoch of M inner steps per arrow; returns θ after every batch.
+
+    ``slow_correction=False`` drops stage III (the batch ends at θ̃); batches after ``plain_after`` (the batch
+    whose entropy switched SFPO off) are one plain epoch.
+    """
     a_all, y_all = data
+
+    def epoch(theta, b):
+        for j in range(num_minibatches):
+            theta = theta + inner(np_grad(theta, a_all[b, j], y_all[b, j]), theta)
+        return theta
+
     out = []
     for b in range(a_all.shape[0]):
+        if plain_after is not None and b > plain_after:
+            theta = epoch(theta, b)  # switched to GRPO
+            out.append(theta.copy())
+            continue
         slow = theta.copy()
         for _ in range(num_fast_steps):  # stage I: fast trajectory
-            for j in range(num_minibatches):
-                theta = theta + inner(np_grad(theta, a_all[b, j], y_all[b, j]), theta)
+            theta = epoch(theta, b)
         theta = slow + alphas[b] * (theta - slow)  # stage II: reposition
-        for j in range(num_minibatches):  # stage III: slow correction
-            theta = theta + inner(np_grad(theta, a_all[b, j], y_all[b, j]), theta)
+        if slow_correction:
+            theta = epoch(theta, b)  # stage III: slow correction
         out.append(theta.copy())
     return np.stack(out)
 
@@ -113,42 +128,70 @@ def unflatten_jnp(vec):
 
 
 @functools.cache
-def x64_step(inner_name: str, num_fast_steps: int, num_minibatches: int):
+def x64_step(
+    inner_name: str,
+    num_fast_steps: int,
+    num_minibatches: int,
+    slow_correction: bool = True,
+    entropy_window: int | None = 30,
+):
     """One jitted update + apply, alpha a traced argument so that every alpha reuses one compilation."""
 
-    def step(params, state, a, y, alpha):
-        tx = optax.chain(OPTAX_INNER[inner_name](), sfpo(num_fast_steps, alpha, num_minibatches))
-        updates, state = tx.update(jax_grad(params, a, y), state, params)
+    def step(params, state, a, y, alpha, entropy):
+        tx = optax.chain(
+            OPTAX_INNER[inner_name](),
+            sfpo(num_fast_steps, alpha, num_minibatches, entropy_window, slow_correction=slow_correction),
+        )
+        extra = {} if entropy is None else {"entropy": entropy}
+        updates, state = tx.update(jax_grad(params, a, y), state, params, **extra)
         return optax.apply_updates(params, updates), state
 
     return jax.jit(step)
 
 
-def run_transform(inner_name, theta0, data, num_fast_steps, alpha, num_minibatches, schedule=None):
-    """Drive chain(inner, sfpo) the way a training loop does; returns params after every batch (float64)."""
+def run_transform(
+    inner_name,
+    theta0,
+    data,
+    num_fast_steps,
+    alpha,
+    num_minibatches,
+    schedule=None,
+    slow_correction=True,
+    entropies=None,
+    entropy_window=30,
+):
+    """Drive chain(inner, sfpo) the way a training loop does; returns params after every batch (float64), the
+    final state and the calls made per batch. ``entropies[b]`` is passed at every call of batch ``b``."""
     a_all, y_all = data
-    tx = optax.chain(OPTAX_INNER[inner_name](), sfpo(num_fast_steps, schedule or alpha, num_minibatches))
+    tx = optax.chain(
+        OPTAX_INNER[inner_name](),
+        sfpo(num_fast_steps, schedule or alpha, num_minibatches, entropy_window, slow_correction=slow_correction),
+    )
     params = unflatten(theta0)
     state = tx.init(params)
     if schedule is None:
-        step = x64_step(inner_name, num_fast_steps, num_minibatches)
-        call = lambda p, s, a, y: step(p, s, a, y, jnp.float64(alpha))
+        step = x64_step(inner_name, num_fast_steps, num_minibatches, slow_correction, entropy_window)
+        call = lambda p, s, a, y, h: step(p, s, a, y, jnp.float64(alpha), h)
     else:
         update = jax.jit(tx.update)
 
-        def call(p, s, a, y):
-            u, s = update(jax_grad(p, a, y), s, p)
+        def call(p, s, a, y, h):
+            u, s = update(jax_grad(p, a, y), s, p, **({} if h is None else {"entropy": h}))
             return optax.apply_updates(p, u), s
 
-    out = []
+    out, calls = [], []
     for b in range(a_all.shape[0]):
         n = calls_per_batch(state)
-        assert n == (num_fast_steps + 1) * num_minibatches
+        calls.append(n)
+        h = None if entropies is None else jnp.float32(entropies[b])
         for i in range(n):
             j = i % num_minibatches
-            params, state = call(params, state, jnp.asarray(a_all[b, j]), jnp.asarray(y_all[b, j]))
+            params, state = call(params, state, jnp.asarray(a_all[b, j]), jnp.asarray(y_all[b, j]), h)
+            if i < n - 1:  # counts down inside the batch; the last call starts the next cycle
+                assert calls_per_batch(state) == n - 1 - i
         out.append(flatten(params))
-    return np.stack(out), state
+    return np.stack(out), state, calls
 
 
 # ---------------------------------------------------------------- trajectories to 1e-9
@@ -162,7 +205,8 @@ def test_matches_float64_reference(inner_name, num_fast_steps, num_minibatches):
     theta0 = np.random.default_rng(1).normal(size=DIM)
     with jax.enable_x64(True):
         for alpha in (0.0, 0.5, 0.8, 1.0):
-            got, state = run_transform(inner_name, theta0, data, num_fast_steps, alpha, num_minibatches)
+            got, state, calls = run_transform(inner_name, theta0, data, num_fast_steps, alpha, num_minibatches)
+            assert calls == [(num_fast_steps + 1) * num_minibatches] * NUM_BATCHES
             want = reference_trajectory(
                 NP_INNER[inner_name](), theta0.copy(), data, num_fast_steps, [alpha] * NUM_BATCHES, num_minibatches
             )
@@ -178,7 +222,7 @@ def test_alpha_schedule_is_read_at_the_batch_count(inner_name):
     theta0 = np.random.default_rng(4).normal(size=DIM)
     schedule = optax.linear_schedule(init_value=1.0, end_value=0.25, transition_steps=3)
     with jax.enable_x64(True):
-        got, _ = run_transform(inner_name, theta0, data, num_fast_steps, None, num_minibatches, schedule=schedule)
+        got, _, _ = run_transform(inner_name, theta0, data, num_fast_steps, None, num_minibatches, schedule=schedule)
         # The transform reads the schedule at its int32 batch counter under jit, where XLA may round the float32
         # schedule differently from eager mode (~1e-8); the reference reads it the same way.
         alphas = [float(jax.jit(schedule)(jnp.asarray(b, jnp.int32))) for b in range(num_batches)]
@@ -195,6 +239,89 @@ def test_single_fast_call_stores_and_repositions_in_one_call():
     updates, state = tx.update({"w": jnp.array([0.5, 1.0])}, state, params)
     np.testing.assert_allclose(updates["w"], [-0.125, -0.25], rtol=1e-6)
     assert calls_per_batch(state) == 1
+
+
+# ---------------------------------------------------------------- ablation: no slow correction
+
+
+@pytest.mark.parametrize("inner_name", ["sgd", "adamw", "clip_adamw"])
+@pytest.mark.parametrize("num_fast_steps", [1, 3])
+@pytest.mark.parametrize("num_minibatches", [1, 2, 4])
+def test_without_slow_correction_matches_float64_reference(inner_name, num_fast_steps, num_minibatches):
+    data = quadratic_data(NUM_BATCHES, num_minibatches, seed=5)
+    theta0 = np.random.default_rng(6).normal(size=DIM)
+    with jax.enable_x64(True):
+        for alpha in (0.0, 0.5, 0.8, 1.0):
+            got, state, calls = run_transform(
+                inner_name, theta0, data, num_fast_steps, alpha, num_minibatches, slow_correction=False
+            )
+            assert calls == [num_fast_steps * num_minibatches] * NUM_BATCHES
+            want = reference_trajectory(
+                NP_INNER[inner_name](),
+                theta0.copy(),
+                data,
+                num_fast_steps,
+                [alpha] * NUM_BATCHES,
+                num_minibatches,
+                slow_correction=False,
+            )
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=f"alpha={alpha}")
+            sfpo_state = next(s for s in state if isinstance(s, SFPOState))
+            assert int(sfpo_state.num_batches) == NUM_BATCHES and int(sfpo_state.count) == 0
+
+
+def test_without_slow_correction_differs_from_the_full_method():
+    # Guards against the flag being ignored: dropping stage III must change the trajectory.
+    data = quadratic_data(NUM_BATCHES, 2, seed=5)
+    theta0 = np.random.default_rng(6).normal(size=DIM)
+    with jax.enable_x64(True):
+        full, _, _ = run_transform("adamw", theta0, data, 2, 0.8, 2)
+        ablated, _, _ = run_transform("adamw", theta0, data, 2, 0.8, 2, slow_correction=False)
+    assert np.max(np.abs(full - ablated)) > 1e-3
+
+
+def test_without_slow_correction_single_call_moves_by_alpha_times_the_update():
+    # K·M = 1: every batch is one call that stores θ_s and lands on θ_s + α·u.
+    tx = optax.chain(optax.sgd(1.0), sfpo(1, 0.25, entropy_window=None, slow_correction=False))
+    params = {"w": jnp.array([1.0, -2.0])}
+    state = tx.init(params)
+    for b in range(3):
+        assert calls_per_batch(state) == 1
+        updates, state = tx.update({"w": jnp.array([0.5, 1.0])}, state, params)
+        np.testing.assert_allclose(updates["w"], [-0.125, -0.25], rtol=1e-6)
+        params = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(state[1].slow_params["w"], [1.0 - 0.125 * b, -2.0 - 0.25 * b], rtol=1e-6)
+    assert int(state[1].num_batches) == 3
+
+
+ENTROPIES = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02, 0.98, 3.0, 1.0, 1.0]  # a spike at batch 8 (W = 5, τ = 1)
+
+
+@pytest.mark.parametrize("slow_correction", [True, False])
+def test_entropy_switch_trajectory_matches_reference(slow_correction):
+    # The batch that records the spike runs its full cycle (its last call records it: the reposition call when
+    # there is no slow correction); every later batch is one plain epoch of M calls.
+    K, M, switch_at = 2, 2, 8
+    data = quadratic_data(len(ENTROPIES), M, seed=7)
+    theta0 = np.random.default_rng(8).normal(size=DIM)
+    with jax.enable_x64(True):
+        got, state, calls = run_transform(
+            "adamw", theta0, data, K, 0.6, M, slow_correction=slow_correction, entropies=ENTROPIES, entropy_window=5
+        )
+    cycle = (K + 1 if slow_correction else K) * M
+    assert calls == [cycle] * (switch_at + 1) + [M] * (len(ENTROPIES) - switch_at - 1)
+    assert not sfpo_active(state) and calls_per_batch(state) == M
+    want = reference_trajectory(
+        NpAdamW(), theta0.copy(), data, K, [0.6] * len(ENTROPIES), M, slow_correction, plain_after=switch_at
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_without_slow_correction_keeps_one_parameter_copy():
+    params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros((32,))}
+    full = tree_bytes(optax.chain(optax.adamw(1e-3), sfpo(3)).init(params))
+    ablated = tree_bytes(optax.chain(optax.adamw(1e-3), sfpo(3, slow_correction=False)).init(params))
+    assert full == ablated
 
 
 # ---------------------------------------------------------------- K = 0 is the inner optimizer
@@ -270,6 +397,8 @@ def test_state_holds_exactly_one_parameter_copy_beyond_the_inner_state():
         ({"entropy_window": 1}, "entropy_window=1"),
         ({"entropy_threshold": float("inf")}, "entropy_threshold=inf"),
         ({"entropy_threshold": float("nan")}, "entropy_threshold=nan"),
+        ({"num_fast_steps": 0, "slow_correction": False}, "num_fast_steps=0"),
+        ({"slow_correction": "no"}, "slow_correction='no'"),
     ],
 )
 def test_bad_arguments_raise_naming_argument_and_value(kwargs, match):

@@ -31,8 +31,8 @@ class SFPOState(NamedTuple):
 
     Attributes:
       count: int32 scalar, the index of the next call within the current cycle (batch).
-      cycle_length: int32 scalar, calls in the current cycle: ``(K+1)·M`` while SFPO is active, ``M`` once it
-        has switched to plain calls (and always ``M`` when ``K = 0``).
+      cycle_length: int32 scalar, calls in the current cycle: ``(K+1)·M`` while SFPO is active (``K·M`` without
+        the slow correction), ``M`` once it has switched to plain calls (and always ``M`` when ``K = 0``).
       num_batches: int32 scalar, completed cycles (batches); the step at which an ``alpha`` schedule is read.
       active: bool scalar, whether SFPO is on; the entropy switch turns it off for good.
       slow_params: the slow point θ_s, a copy of the params with their shapes, dtypes and shardings; the only
@@ -51,12 +51,19 @@ class SFPOState(NamedTuple):
     entropy_count: jax.Array
 
 
-def _check_args(num_fast_steps, alpha, num_minibatches, entropy_window, entropy_threshold) -> None:
+def _check_args(num_fast_steps, alpha, num_minibatches, entropy_window, entropy_threshold, slow_correction) -> None:
     def is_int(x):
         return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
     if not is_int(num_fast_steps) or num_fast_steps < 0:
         raise ValueError(f"num_fast_steps must be an integer >= 0, got num_fast_steps={num_fast_steps!r}")
+    if not isinstance(slow_correction, bool):
+        raise ValueError(f"slow_correction must be a bool, got slow_correction={slow_correction!r}")
+    if not slow_correction and num_fast_steps == 0:
+        raise ValueError(
+            "slow_correction=False needs num_fast_steps >= 1 (a batch would get no optimizer call at all), "
+            f"got num_fast_steps={num_fast_steps!r}"
+        )
     if not is_int(num_minibatches) or num_minibatches < 1:
         raise ValueError(f"num_minibatches must be an integer >= 1, got num_minibatches={num_minibatches!r}")
     if entropy_window is not None and (not is_int(entropy_window) or entropy_window < 2):
@@ -85,6 +92,7 @@ def sfpo(
     num_minibatches: int = 1,
     entropy_window: int | None = 30,
     entropy_threshold: float = 1.0,
+    slow_correction: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Slow-Fast Policy Optimization, chained after any optax optimizer.
 
@@ -107,6 +115,12 @@ def sfpo(
     * ``c = K·M − 1`` (the last fast call): emits :math:`\theta_s + \alpha(\text{params} + u - \theta_s)
       - \text{params}`, so that ``optax.apply_updates`` lands on :math:`\tilde\theta`;
     * every other call, including the ``M`` slow-correction calls: emits ``u`` unchanged.
+
+    **Ablation without the slow correction** (``slow_correction=False``, the paper's "w/o slow correction"):
+    stage III is dropped and the batch ends at the repositioned point, :math:`\theta_s' = \tilde\theta =
+    \theta_s + \alpha(\theta_K - \theta_s)`. A batch then gets ``K·M`` calls, the last of which repositions
+    (and records the entropy, being the batch's last call); after the entropy switch a batch gets ``M`` plain
+    calls as usual. It needs ``K >= 1``.
 
     ``num_fast_steps=0`` is the inner optimizer bit for bit (GRPO): the updates pass through untouched and
     nothing parameter-sized is stored. With donated buffers the overhead is about one copy of the params per
@@ -132,6 +146,8 @@ def sfpo(
       num_minibatches: ``M >= 1``, optimizer calls per epoch.
       entropy_window: ``W >= 2``, the window of the entropy z-score, or ``None`` to disable the switch.
       entropy_threshold: ``τ``, a finite z-score at or above which SFPO switches off.
+      slow_correction: ``False`` for the ablation that ends each batch at :math:`\tilde\theta` (``K·M`` calls
+        per batch); requires ``num_fast_steps >= 1``.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` whose ``update(updates, state, params, *,
@@ -139,7 +155,8 @@ def sfpo(
 
     Raises:
       ValueError: at construction, naming the argument, for ``K < 0``, ``M < 1``, ``alpha`` outside
-        ``[0, 1]``, ``W < 2`` or a non-finite threshold; in ``update`` when ``params`` is missing.
+        ``[0, 1]``, ``W < 2``, a non-finite threshold, or ``slow_correction=False`` with ``K = 0``; in
+        ``update`` when ``params`` is missing.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -158,9 +175,11 @@ def sfpo(
       `Slow-Fast Policy Optimization: Reposition-Before-Update for LLM Reasoning
       <https://arxiv.org/abs/2510.04072>`_, 2025; official code https://github.com/Urheen/SFPO.
     """
-    _check_args(num_fast_steps, alpha, num_minibatches, entropy_window, entropy_threshold)
+    _check_args(num_fast_steps, alpha, num_minibatches, entropy_window, entropy_threshold, slow_correction)
     K, M = int(num_fast_steps), int(num_minibatches)
-    sfpo_length, plain_length = (K + 1) * M, M
+    # Without the slow correction the cycle ends with the reposition call; the next cycle's call 0 then stores
+    # θ̃ as the new slow point.
+    sfpo_length, plain_length = (K + 1 if slow_correction else K) * M, M
     last_fast = K * M - 1
     use_switch = K > 0 and entropy_window is not None
     W = int(entropy_window) if use_switch else 0
@@ -255,8 +274,8 @@ def _find_state(opt_state: Any) -> SFPOState:
 
 
 def calls_per_batch(opt_state: Any) -> int:
-    """The optimizer calls left in the current cycle: ``(K+1)·M`` at the start of a batch while SFPO is active,
-    ``M`` once it has switched off (or when ``K = 0``).
+    """The optimizer calls left in the current cycle: ``(K+1)·M`` at the start of a batch while SFPO is active
+    (``K·M`` with ``slow_correction=False``), ``M`` once it has switched off (or when ``K = 0``).
 
     Finds the :class:`SFPOState` anywhere in ``opt_state`` (inside ``optax.chain``, ``named_chain``,
     ``MultiSteps``, ``apply_if_finite``, ``inject_hyperparams``). Under ``MultiSteps(every_k_schedule=k)``
