@@ -11,14 +11,18 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from sfpo_jax.models import CausalLM, ModelConfig, save_pretrained
+from sfpo_jax.models import CausalLM, ModelConfig, from_pretrained, load_tokenizer, save_pretrained
+from sfpo_jax.parallel import logical_sharding, make_mesh
+from sfpo_jax.sampling import Sampler, SamplingConfig
 from sfpo_jax.tasks import ArithmeticTask, char_tokenizer
 from sfpo_jax.train import Checkpointer, NonFiniteError, deterministic, load_config, read_metrics, train
+from sfpo_jax.train import step as learner
 from sfpo_jax.train.loop import batch_indices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,3 +153,59 @@ def test_sharded_step_matches_one_device(policy_dir, tmp_path, mesh):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert len(y.sharding.device_set) > 1 or x.size < 8
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
+
+
+def test_micro_batches_are_strided_and_invert():
+    x = np.arange(12 * 2).reshape(12, 2)
+    micro = learner.to_micro_batches(x, 3)
+    assert micro.shape == (3, 4, 2)
+    np.testing.assert_array_equal(micro[1][:, 0], x[1::3, 0])  # rows 1, 4, 7, 10
+    np.testing.assert_array_equal(learner.from_micro_batches(micro), x)
+    with pytest.raises(ValueError, match="12 rows do not split into 5"):
+        learner.to_micro_batches(x, 5)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-device", "data-parallel"])
+def test_recomputed_old_logprobs_match_the_sampler(policy_dir, sharded):
+    """The learner's forward pass at θ_s gives back the sampler's log-probs on a real rollout (float32)."""
+    mesh = make_mesh(data=8) if sharded else None
+    model = from_pretrained(policy_dir, dtype=jnp.float32, mesh=mesh)
+    tok = load_tokenizer(policy_dir)
+    task = ArithmeticTask(num_train=8, num_eval=1)
+    prompts = [tok.encode(task.render(p), add_special_tokens=False) for p in task.train_problems()[:4]]
+    prompts = [p[i:] for i, p in enumerate(prompts)]  # several lengths, so the left padding is exercised
+    scfg = SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=4, eos_token_ids=(tok.eos_token_id,))
+    rollout = Sampler(model, mesh=mesh, pad_token_id=tok.pad_token_id).generate(prompts, scfg, jax.random.key(0))
+    batch = learner.make_batch(rollout, np.zeros(16, np.float32))
+    if sharded:
+        batch = jax.device_put(batch, logical_sharding(mesh, ("batch",)))
+    graphdef, params = nnx.split(model)
+    logprob_fn = learner.make_logprob_fn(graphdef, micro_batch_size=8)  # 2 micro-batches of 8 rows
+    logp = logprob_fn(params, batch.tokens, batch.attention_mask, batch.completion_mask)
+
+    assert logp.shape == rollout.logprobs.shape and logp.dtype == jnp.float32
+    if sharded:
+        assert len(logp.sharding.device_set) == 8 and not logp.sharding.is_fully_replicated
+    logp, mask = np.asarray(logp), rollout.mask
+    assert mask.sum() > 16 and np.all(logp[~mask] == 0)
+    np.testing.assert_allclose(logp[mask], rollout.logprobs[mask], atol=1e-4, rtol=0)
+    assert float(learner.masked_mean_abs_diff(logp, rollout.logprobs, mask)) < 1e-4
+    with pytest.raises(ValueError, match="micro_batch_size=5 must divide the batch size 16"):
+        learner.make_logprob_fn(graphdef, 5)(params, batch.tokens, batch.attention_mask, batch.completion_mask)
+
+
+def test_kl_to_the_initial_policy_with_recomputed_old_logprobs(policy_dir, tmp_path):
+    # GRPO with one mini-batch: one optimizer call per step, so step 1's row is the call at the initial params.
+    cfg = load_config(None, [*overrides(policy_dir, tmp_path), "algo=grpo", "rollout.num_minibatches=1",
+                             "rollout.micro_batch_size=8", "rollout.recompute_old_logprobs=true",
+                             "loss.kl_coef=0.05", "run.steps=2", "eval.every=0", "run.checkpoint_every=0"])
+    rows = train(cfg).history
+    assert all(r["optimizer_calls"] == 1 for r in rows)
+    kl = [r["train/kl"] for r in rows]
+    assert abs(kl[0]) < 1e-6, kl  # the policy is the reference
+    assert kl[1] > 1e-6, kl  # k3 >= 0, and the policy has moved away from it
+    # The old log-probs are the learner's own at θ_s: the ratio of the step's (only) call is exactly 1 ...
+    assert all(abs(r["train/ratio_min"] - 1) < 1e-5 and abs(r["train/ratio_max"] - 1) < 1e-5 for r in rows)
+    # ... and they agree with the sampler's (float32), which the loop reports.
+    assert all(r["logprobs/sampler_abs_diff"] < 1e-4 for r in rows)
+    assert all(r["time/logprobs"] > 0 for r in rows)

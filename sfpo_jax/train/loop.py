@@ -1,13 +1,15 @@
 """The RL loop: GRPO or SFPO over one rollout batch per step, readable top to bottom.
 
 Per step: problems → ``group_size`` completions each (sampler, at the slow point θ_s) → rewards → group
-advantages → ``calls_per_batch(opt_state)`` optimizer calls over the mini-batches (the SFPO transform decides:
+advantages → optionally the old log-probs recomputed by the learner at θ_s and the reference policy's log-probs
+(for a KL term) → ``calls_per_batch(opt_state)`` optimizer calls over the mini-batches (the SFPO transform decides:
 K+1 epochs while active, one after its entropy switch) → metrics → periodic evaluation → checkpoint. GRPO is
 the same loop with ``num_fast_steps=0``.
 
 Determinism: the data order and every PRNG key are pure functions of ``(seed, step)``, and a checkpoint holds
 params, optimizer state and counters, so a run killed at any moment and resumed ends exactly where an
-uninterrupted run ends (same device count).
+uninterrupted run ends (same device count). The KL reference policy is the initial policy: it is loaded again
+from ``model.path`` on resume rather than checkpointed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -75,6 +78,9 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
     mesh = mesh_from_config(cfg)
     model, tokenizer = load_policy(cfg, task, mesh=mesh)
     graphdef, params = nnx.split(model)
+    # The KL reference is the initial policy, frozen: a copy, since the update donates (overwrites) `params`.
+    # Taken before any checkpoint restore, so a resumed run gets it back from `model.path`.
+    ref_params = jax.tree.map(jnp.copy, params) if cfg.loss.kl_coef > 0 else None
     tx = learner.make_optimizer(cfg)
     opt_state = tx.init(params)
     sampler = Sampler(model, mesh=mesh, pad_token_id=tokenizer.pad_token_id)
@@ -85,11 +91,14 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
                                  top_p=r.top_p, eos_token_ids=(tokenizer.eos_token_id,), num_samples=G)
     num_micro = learner.micro_batches_per_minibatch(r.prompts_per_step * G // M, r.micro_batch_size)
     update = learner.make_update_fn(graphdef, tx, cfg, num_micro)
+    extra_logprobs = r.recompute_old_logprobs or ref_params is not None
+    logprob_fn = learner.make_logprob_fn(graphdef, r.micro_batch_size) if extra_logprobs else None
     batch_sharding = logical_sharding(mesh, ("batch",))
     base_key = jax.random.key(cfg.run.seed)
 
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.run.keep_checkpoints)
-    timer, step0 = PhaseTimer(), 0
+    phases = ("sample", "score", *(("logprobs",) if extra_logprobs else ()), "update", "eval")
+    timer, step0 = PhaseTimer(phases), 0
     totals = {"rollouts": 0, "nonfinite_total": 0, "nonfinite_in_a_row": 0}
     if resume and ckpt.latest_step() is not None:
         (params, opt_state), meta = ckpt.restore(target=(params, opt_state))
@@ -117,9 +126,22 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
             answers = [p.answer for p in problems for _ in range(G)]
             rewards = np.asarray(task.reward(rollout.texts(tokenizer), answers), np.float32)
             advantages = np.asarray(grpo.group_advantages(rewards, G, scale_by_std=cfg.loss.scale_adv_by_std))
+            batch = jax.device_put(learner.make_batch(rollout, advantages), batch_sharding)
+        logprob_metrics = {}
+        if extra_logprobs:
+            with timer("logprobs"):
+                inputs = (batch.tokens, batch.attention_mask, batch.completion_mask)
+                if r.recompute_old_logprobs:  # at θ_s: `params` has not been updated yet this step
+                    old_logp = logprob_fn(params, *inputs)
+                    logprob_metrics["logprobs/sampler_abs_diff"] = learner.masked_mean_abs_diff(
+                        old_logp, batch.old_logp, batch.completion_mask)
+                    batch = batch._replace(old_logp=old_logp)
+                if ref_params is not None:
+                    batch = batch._replace(ref_logp=logprob_fn(ref_params, *inputs))
+                logprob_metrics = {k: float(v) for k, v in logprob_metrics.items()}
+                jax.block_until_ready(batch)  # so that the phase's time is the passes', not the next phase's
         with timer("update"):
             active = sfpo_active(opt_state)
-            batch = jax.device_put(learner.make_batch(rollout, advantages), batch_sharding)
             minibatches = learner.split_minibatches(batch, M)
             call_metrics = []
             for call in range(calls_per_batch(opt_state)):
@@ -137,7 +159,7 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
 
         row = {"step": step + 1, "rollouts": totals["rollouts"], "sfpo_active": active,
                "optimizer_calls": len(call_metrics), "nonfinite_total": totals["nonfinite_total"],
-               **rollout_metrics(rewards, rollout, G), **reduce_call_metrics(call_metrics),
+               **rollout_metrics(rewards, rollout, G), **logprob_metrics, **reduce_call_metrics(call_metrics),
                "lr": cfg.optim.learning_rate,
                "time/tokens_per_second": float(rollout.lengths.sum()) / max(timer.last("sample"), 1e-9)}
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.run.steps):

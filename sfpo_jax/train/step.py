@@ -1,5 +1,6 @@
 """The learner side of one RL step, as pure functions: the optimizer, the policy's token log-probs on a
-rollout batch, and one jitted optimizer call (a mini-batch accumulated over micro-batches).
+rollout batch (with gradients inside the loss, or as a jitted forward pass for old / reference log-probs), and
+one jitted optimizer call (a mini-batch accumulated over micro-batches).
 
 Everything here is a function of arrays; the loop in :mod:`sfpo_jax.train.loop` decides what to call when.
 """
@@ -118,7 +119,7 @@ def make_update_fn(graphdef, tx: optax.GradientTransformationExtraArgs, cfg: Con
     def update(params, opt_state, batch: Batch):
         num_tokens = jnp.maximum(batch.completion_mask.sum(), 1).astype(jnp.float32)
         num_seqs = jnp.asarray(batch.completion_mask.shape[0], jnp.float32)
-        micro = jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
+        micro = jax.tree.map(lambda x: to_micro_batches(x, num_micro), batch)
         grad_fn = jax.value_and_grad(minibatch_loss, has_aux=True)
 
         def accumulate(grads, mb):
@@ -138,6 +139,67 @@ def make_update_fn(graphdef, tx: optax.GradientTransformationExtraArgs, cfg: Con
     return update
 
 
+def to_micro_batches(x: jax.Array, num_micro: int) -> jax.Array:
+    """``[N, ...] → [num_micro, N // num_micro, ...]``, micro-batch ``j`` holding rows ``j, j + num_micro, …``.
+
+    Strided rather than contiguous on purpose: the batch is sharded in contiguous blocks over the ``batch``
+    mesh axes, and a strided split leaves every micro-batch spread over all of them (each device slices its own
+    block, no communication). A contiguous split would put whole micro-batches on single shards, and XLA
+    all-gathers the batch and runs every micro-batch replicated instead. Inverse: :func:`from_micro_batches`.
+    """
+    n = x.shape[0]
+    if n % num_micro:
+        raise ValueError(f"{n} rows do not split into {num_micro} equal micro-batches")
+    return x.reshape(n // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
+
+
+def from_micro_batches(x: jax.Array) -> jax.Array:
+    """Inverse of :func:`to_micro_batches`: ``[num_micro, B, ...] → [num_micro * B, ...]`` in the original row order."""
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def make_logprob_fn(graphdef, micro_batch_size: int | None):
+    """A jitted forward pass giving the completion log-probs of a whole rollout batch under some params.
+
+    The loop uses it for the two extra log-prob passes of a step: the *old* log-probs recomputed by the learner
+    at θ_s (``rollout.recompute_old_logprobs``: the learner's own numerics, e.g. bf16 training vs a sampler that
+    differs, instead of the sampler's) and the *reference* policy's log-probs for the KL term
+    (``loss.kl_coef > 0``). No gradients, so a micro-batch costs one forward pass; ``lax.map`` over
+    micro-batches of ``micro_batch_size`` rows keeps memory at one micro-batch's logits, and the strided split
+    (:func:`to_micro_batches`) keeps each micro-batch sharded over the batch axes like the update's.
+
+    Args:
+      graphdef: the model's ``nnx.GraphDef`` (from ``nnx.split``).
+      micro_batch_size: rows per forward pass; None: the whole batch at once. Must divide the batch size.
+
+    Returns:
+      ``logprob_fn(params, tokens, attention_mask, completion_mask) -> [N, T] float32``, with the inputs as in
+      :class:`Batch` (``tokens``/``attention_mask`` ``[N, P+T]``, ``completion_mask`` ``[N, T]``), zero where
+      ``completion_mask`` is 0, the temperature-1 log-probs the sampler reports. Compiled once per shape.
+    """
+
+    @jax.jit
+    def logprob_fn(params, tokens, attention_mask, completion_mask):
+        num_micro = micro_batches_per_minibatch(tokens.shape[0], micro_batch_size, what="batch size")
+        micro = tuple(to_micro_batches(x, num_micro) for x in (tokens, attention_mask, completion_mask))
+
+        def forward(mb):
+            logp, _ = completion_logprobs(nnx.merge(graphdef, params), *mb)  # the entropy is dead code to XLA
+            return logp
+
+        return from_micro_batches(jax.lax.map(forward, micro))
+
+    return logprob_fn
+
+
+@jax.jit
+def masked_mean_abs_diff(a: jax.Array, b: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of ``|a - b|`` over the real tokens of ``[N, T]`` arrays (0 with no real token): the gap between
+    recomputed and sampler log-probs that the loop logs."""
+    m = mask.astype(bool)
+    return jnp.sum(jnp.where(m, jnp.abs(a - b), 0.0)) / jnp.maximum(jnp.sum(m), 1)
+
+
 def split_minibatches(batch: Batch, num_minibatches: int) -> list[Batch]:
     """Splits a batch along its first axis into ``num_minibatches`` equal, contiguous mini-batches.
 
@@ -150,14 +212,14 @@ def split_minibatches(batch: Batch, num_minibatches: int) -> list[Batch]:
     return [Batch(*(x[i * size : (i + 1) * size] for x in batch)) for i in range(num_minibatches)]
 
 
-def micro_batches_per_minibatch(minibatch_size: int, micro_batch_size: int | None) -> int:
-    """How many micro-batches one mini-batch is accumulated over (1 when ``micro_batch_size`` is None)."""
+def micro_batches_per_minibatch(minibatch_size: int, micro_batch_size: int | None, *,
+                                what: str = "mini-batch size") -> int:
+    """How many micro-batches one mini-batch (or any batch; ``what`` names it in errors) is split into
+    (1 when ``micro_batch_size`` is None)."""
     if micro_batch_size is None or micro_batch_size >= minibatch_size:
         return 1
     if minibatch_size % micro_batch_size:
-        raise ValueError(
-            f"rollout.micro_batch_size={micro_batch_size} must divide the mini-batch size {minibatch_size}"
-        )
+        raise ValueError(f"rollout.micro_batch_size={micro_batch_size} must divide the {what} {minibatch_size}")
     return minibatch_size // micro_batch_size
 
 
