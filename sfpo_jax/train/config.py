@@ -54,6 +54,7 @@ class SFPOConfig:
     alpha: float = 0.8
     entropy_window: int | None = 30
     entropy_threshold: float = 1.0
+    slow_correction: bool = True  # False: the paper's ablation ending each batch at the repositioned point
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +165,7 @@ def _check_ranges(cfg: Config) -> None:
         ("sfpo.alpha", 0.0 <= cfg.sfpo.alpha <= 1.0),
         ("sfpo.entropy_window", cfg.sfpo.entropy_window is None or cfg.sfpo.entropy_window >= 2),
         ("sfpo.entropy_threshold", math.isfinite(cfg.sfpo.entropy_threshold)),
+        ("sfpo.slow_correction", cfg.sfpo.slow_correction or cfg.sfpo.num_fast_steps >= 1),
         ("optim.learning_rate", cfg.optim.learning_rate > 0),
         ("rollout.prompts_per_step", cfg.rollout.prompts_per_step >= 1),
         ("rollout.group_size", cfg.rollout.group_size >= 1),

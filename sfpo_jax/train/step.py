@@ -60,6 +60,8 @@ def make_optimizer(cfg: Config) -> optax.GradientTransformationExtraArgs:
             num_minibatches=cfg.rollout.num_minibatches,
             entropy_window=cfg.sfpo.entropy_window,
             entropy_threshold=cfg.sfpo.entropy_threshold,
+            # GRPO (K = 0) has no fast steps and so nothing to skip: it is always the plain inner step.
+            slow_correction=cfg.sfpo.slow_correction or cfg.num_fast_steps == 0,
         )
     )
     return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**30)
