@@ -23,7 +23,7 @@ from sfpo_jax.sampling import Sampler, SamplingConfig
 from sfpo_jax.tasks import ArithmeticTask, char_tokenizer
 from sfpo_jax.train import Checkpointer, NonFiniteError, deterministic, load_config, read_metrics, train
 from sfpo_jax.train import step as learner
-from sfpo_jax.train.loop import batch_indices
+from sfpo_jax.train.loop import batch_indices, eval_sets_of, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -209,3 +209,44 @@ def test_kl_to_the_initial_policy_with_recomputed_old_logprobs(policy_dir, tmp_p
     # ... and they agree with the sampler's (float32), which the loop reports.
     assert all(r["logprobs/sampler_abs_diff"] < 1e-4 for r in rows)
     assert all(r["time/logprobs"] > 0 for r in rows)
+
+
+class TwoEvalSets(ArithmeticTask):
+    """Arithmetic whose eval problems form two named sets, counting its reward calls."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.graded = []
+
+    def eval_sets(self):
+        problems = self.eval_problems()
+        return {"first": problems[:3], "rest": problems[3:]}
+
+    def reward(self, completions, answers):
+        self.graded.append(len(completions))
+        return super().reward(completions, answers)
+
+
+def test_evaluation_reports_each_eval_set_and_generates_in_chunks(policy_dir, monkeypatch):
+    task = TwoEvalSets(num_train=8, num_eval=5)
+    assert [len(v) for v in eval_sets_of(task, None).values()] == [3, 2]
+    assert [len(v) for v in eval_sets_of(task, 1).values()] == [1, 1]
+    model, tok = from_pretrained(policy_dir, dtype=jnp.float32), load_tokenizer(policy_dir)
+    sampler = Sampler(model, pad_token_id=tok.pad_token_id)
+    generated = []
+    generate = sampler.generate
+    monkeypatch.setattr(sampler, "generate", lambda prompts, *a, **k: generated.append(len(prompts)) or
+                        generate(prompts, *a, **k))
+    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.num_minibatches=1", "rollout.max_new_tokens=4",
+                             "eval.num_samples=3"])
+
+    def encode(problems):
+        return [tok.encode(task.render(p), add_special_tokens=False) for p in problems]
+
+    out = evaluate(sampler, nnx.state(model), task, eval_sets_of(task, None), encode, tok, cfg, jax.random.key(0))
+    assert generated == [2, 2, 1]  # prompts_per_step problems per call, whatever the eval sets' sizes
+    assert task.graded == [5 * 3]  # one grading call over every sample
+    assert list(out) == ["eval/average/accuracy", "eval/first/accuracy", "eval/first/reward",
+                         "eval/rest/accuracy", "eval/rest/reward"]
+    assert out["eval/average/accuracy"] == pytest.approx((out["eval/first/accuracy"] + out["eval/rest/accuracy"]) / 2)
+    assert all(0.0 <= v <= 1.0 for v in out.values())

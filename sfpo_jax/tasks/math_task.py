@@ -24,14 +24,16 @@ def _problems(name: str, split: str | None, data_dir: str | None, limit: int | N
 
 
 class MathTask(Task):
-    """Train on one named dataset, evaluate on another (e.g. DAPO-Math-17k → MATH-500).
+    """Train on named datasets, evaluate on others (e.g. DAPO-Math-17k + MATH train → MATH-500, AIME24, ...).
 
     Args:
-      train: dataset name for training (see ``sfpo_jax.data.SPECS``), ``train_split`` its split.
-      eval: dataset name(s) for evaluation, ``eval_split`` their split (default: each one's default split);
-        several names are concatenated.
+      train: dataset name(s) for training (see ``sfpo_jax.data.SPECS``), ``train_split`` their split (default:
+        each one's default split); several names are concatenated in the order given.
+      eval: dataset name(s) for evaluation, ``eval_split`` their split (default: each one's default split).
+        :meth:`eval_sets` keeps them apart (the trainer reports each one's accuracy); :meth:`eval_problems`
+        concatenates them.
       data_dir: local files instead of the hub (see ``sfpo_jax.data.load``).
-      num_train, num_eval: optional subsets (a seeded random subset, in dataset order).
+      num_train, num_eval: optional subsets of each dataset (a seeded random subset, in dataset order).
       reward: ``"paper"`` (1 / 0.1 / 0, the official SFPO runs) or ``"math"`` (1 / 0).
       tokenizer: a tokenizer or a path; its chat template wraps the prompts. None: plain text prompts.
       instruction: appended to every problem.
@@ -40,7 +42,7 @@ class MathTask(Task):
 
     def __init__(
         self,
-        train: str = "math",
+        train: str | Sequence[str] = "math",
         eval: str | Sequence[str] = "math500",
         *,
         train_split: str | None = None,
@@ -59,10 +61,14 @@ class MathTask(Task):
         for arg, v in (("num_train", num_train), ("num_eval", num_eval)):
             if v is not None and v < 1:
                 raise ValueError(f"{arg} must be >= 1 or None, got {v}")
+        train_names = [train] if isinstance(train, str) else list(train)
         eval_names = [eval] if isinstance(eval, str) else list(eval)
-        self.name = f"math-{train}-{'+'.join(eval_names)}"
-        self._train = _problems(train, train_split, data_dir, num_train, seed)
-        self._eval = [p for e in eval_names for p in _problems(e, eval_split, data_dir, num_eval, seed)]
+        for arg, names in (("train", train_names), ("eval", eval_names)):
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"{arg} must name one or more distinct datasets, got {names!r}")
+        self.name = f"math-{'+'.join(train_names)}-{'+'.join(eval_names)}"
+        self._train = [p for t in train_names for p in _problems(t, train_split, data_dir, num_train, seed)]
+        self._eval = {e: _problems(e, eval_split, data_dir, num_eval, seed) for e in eval_names}
         if isinstance(tokenizer, str):
             from transformers import AutoTokenizer
 
@@ -74,7 +80,11 @@ class MathTask(Task):
         return list(self._train)
 
     def eval_problems(self) -> list[Problem]:
-        return list(self._eval)
+        return [p for problems in self._eval.values() for p in problems]
+
+    def eval_sets(self) -> dict[str, list[Problem]]:
+        """The eval problems of each dataset, by dataset name (the trainer logs ``eval/<name>/accuracy``)."""
+        return {name: list(problems) for name, problems in self._eval.items()}
 
     def render(self, problem: Problem) -> str:
         return render_prompt(problem.prompt, self.tokenizer, instruction=self.instruction)

@@ -84,7 +84,8 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
     tx = learner.make_optimizer(cfg)
     opt_state = tx.init(params)
     sampler = Sampler(model, mesh=mesh, pad_token_id=tokenizer.pad_token_id)
-    train_problems, eval_problems = task.train_problems(), task.eval_problems()[: cfg.eval.max_problems]
+    train_problems = task.train_problems()
+    eval_sets = eval_sets_of(task, cfg.eval.max_problems) if cfg.eval.every else {}
 
     r, M, G = cfg.rollout, cfg.rollout.num_minibatches, cfg.rollout.group_size
     rollout_cfg = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
@@ -165,7 +166,7 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.run.steps):
             with timer("eval"):
                 eval_key = jax.random.fold_in(jax.random.fold_in(base_key, step), 1)
-                row |= evaluate(sampler, params, task, eval_problems, encode, tokenizer, cfg, eval_key)
+                row |= evaluate(sampler, params, task, eval_sets, encode, tokenizer, cfg, eval_key)
         row |= timer.totals()
         logger.log(row)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", sfpo=active, refresh=False)
@@ -205,13 +206,42 @@ def reduce_call_metrics(calls: list[dict]) -> dict[str, float]:
     return out
 
 
-def evaluate(sampler, params, task, problems, encode, tokenizer, cfg: Config, key) -> dict[str, float]:
-    """pass@1 on the eval problems as the mean over ``eval.num_samples`` samples each (the paper's avg@k)."""
-    e = cfg.eval
+def eval_sets_of(task, max_problems: int | None) -> dict[str, list]:
+    """The task's evaluation sets by name, each cut to ``max_problems``: ``task.eval_sets()`` when the task has
+    several (an optional method, e.g. :class:`sfpo_jax.tasks.MathTask`), else ``{task.name: eval_problems()}``."""
+    sets = task.eval_sets() if hasattr(task, "eval_sets") else {task.name: task.eval_problems()}
+    if not sets or any(not problems for problems in sets.values()):
+        raise ValueError(f"task {task.name!r} has an empty evaluation set: {[k for k, v in sets.items() if not v]}")
+    return {name: list(problems)[:max_problems] for name, problems in sets.items()}
+
+
+def evaluate(sampler, params, task, eval_sets: dict[str, list], encode, tokenizer, cfg: Config,
+             key) -> dict[str, float]:
+    """pass@1 on each eval set as the mean over ``eval.num_samples`` samples per problem (the paper's avg@k).
+
+    Returns ``eval/<set>/accuracy`` and ``eval/<set>/reward`` per set; with several sets, first
+    ``eval/average/accuracy``, the unweighted mean over the sets (the paper's "Avg." column, which
+    :func:`sfpo_jax.train.summary.summarize` picks as the first accuracy key). Problems are generated
+    ``rollout.prompts_per_step`` at a time, so that evaluation needs no more memory than a training step
+    (``eval.num_samples <= rollout.group_size``) whatever the size of the eval sets.
+    """
+    e, k = cfg.eval, cfg.eval.num_samples
     scfg = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
-                          eos_token_ids=(tokenizer.eos_token_id,), num_samples=e.num_samples)
-    rollout = sampler.generate(encode(problems), scfg, key, params=params)
-    answers = [p.answer for p in problems for _ in range(e.num_samples)]
-    rewards = np.asarray(task.reward(rollout.texts(tokenizer), answers), np.float32)
-    return {f"eval/{task.name}/accuracy": float((rewards >= 1.0).mean()),
-            f"eval/{task.name}/reward": float(rewards.mean())}
+                          eos_token_ids=(tokenizer.eos_token_id,), num_samples=k)
+    problems = [p for ps in eval_sets.values() for p in ps]
+    chunk, texts = cfg.rollout.prompts_per_step, []
+    for i, start in enumerate(range(0, len(problems), chunk)):
+        rollout = sampler.generate(encode(problems[start : start + chunk]), scfg, jax.random.fold_in(key, i),
+                                   params=params)
+        texts += rollout.texts(tokenizer)
+    answers = [p.answer for p in problems for _ in range(k)]
+    rewards = np.asarray(task.reward(texts, answers), np.float32).reshape(len(problems), k)
+    out, start = {}, 0
+    for name, ps in eval_sets.items():
+        r = rewards[start : start + len(ps)]
+        out[f"eval/{name}/accuracy"], out[f"eval/{name}/reward"] = float((r >= 1.0).mean()), float(r.mean())
+        start += len(ps)
+    if len(eval_sets) > 1:
+        average = float(np.mean([out[f"eval/{name}/accuracy"] for name in eval_sets]))
+        out = {"eval/average/accuracy": average, **out}
+    return out
