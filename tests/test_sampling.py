@@ -163,6 +163,23 @@ def test_sample_logits_top_k_one_is_greedy():
                                   jnp.argmax(logits, -1))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sample_logits_matches_softmax_frequencies(temperature):
+    # 3 rows over a vocabulary that spans several search blocks with a ragged last one; some entries are -inf.
+    vocab, draws = 700, 40_000
+    logits = 2.0 * jax.random.normal(jax.random.key(0), (3, vocab))
+    logits = logits.at[0, ::3].set(-jnp.inf).at[1, :690].add(-8.0).at[2, 255:257].add(6.0)
+    keys = jax.random.split(jax.random.key(1), draws)
+    tokens = np.asarray(jax.jit(jax.vmap(lambda k: sample_logits(k, logits, temperature=temperature)))(keys))
+    probs = np.asarray(jax.nn.softmax(logits / temperature, axis=-1))
+    for row in range(3):
+        freq = np.bincount(tokens[:, row], minlength=vocab) / draws
+        assert (freq[probs[row] == 0] == 0).all()  # -inf logits are never drawn
+        # Every frequency within 5 binomial standard deviations (plus a floor for tiny probabilities).
+        sigma = np.sqrt(probs[row] * (1 - probs[row]) / draws)
+        np.testing.assert_array_less(np.abs(freq - probs[row]), 5 * sigma + 2e-4)
+
+
 def test_num_samples_layout_and_determinism(sampler):
     config = SamplingConfig(max_new_tokens=6, num_samples=3)
     a = sampler.generate(PROMPTS, config, jax.random.key(3))
