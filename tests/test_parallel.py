@@ -139,7 +139,7 @@ def test_shard_model_in_place_and_sharded_cache_decoding():
     cache_sharding = jax.tree.map(lambda x, names: logical_sharding(mesh, names, shape=x.shape), cache,
                                   KVCache.logical_axes())
     cache = jax.device_put(cache, cache_sharding)
-    assert cache.k.sharding.spec == P(None, ("data", "fsdp"), None, "tensor", None)
+    assert cache.k.sharding.spec == P(None, ("data", "fsdp"), "tensor", None, None)
     np.testing.assert_allclose(np.asarray(decode(model, ids, cache)), np.asarray(reference), atol=1e-5, rtol=1e-5)
 
 

@@ -98,18 +98,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     """Grouped-query attention without repeating k/v.
 
     Args:
-      q: `[B, T, H, D]`; k, v: `[B, S, KVH, D]` with H a multiple of KVH.
+      q: `[B, T, H, D]`; k, v: `[B, KVH, S, D]` (the cache's layout) with H a multiple of KVH.
       mask: `[B, T, S] bool`, whether query t may attend to key s.
     Returns:
       `[B, T, H, D]` in v's dtype; scores and softmax in float32.
     """
     b, t, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1]
     q = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
 
 
 class Attention(nnx.Module):
@@ -129,15 +129,16 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, inv_freq, mask, kv=None, layer=0, index=None):
         """x `[B, T, E]`, positions `[B, T]`, mask `[B, T, S] bool`. Without `kv`, S = T and the keys are this
-        call's; with `kv = (k_all, v_all)` (`[L, B, S, KVH, D]`), this call's keys are written into layer `layer`
+        call's; with `kv = (k_all, v_all)` (`[L, B, KVH, S, D]`), this call's keys are written into layer `layer`
         at slot `index` and attention runs over all S slots. Returns `(y [B, T, E], kv)`."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, D]
         if kv is not None:
             k_all, v_all = kv
-            start = (layer, 0, index, 0, 0)
+            start = (layer, 0, 0, index, 0)
             k_all = lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
             v_all = lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
             kv = (k_all, v_all)
@@ -242,7 +243,12 @@ class CausalLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             x, kv = call(layer, x, positions, inv_freq, attn_mask, kv, i, index)
         x = self.norm(x)
-        if self.lm_head is None:
+        if self.lm_head is None and t == 1:
+            # Decode step: with the [V, E] table as the left operand XLA:CPU streams it about 1.7× faster than as a
+            # transposed right operand; the [V, B] result is small to transpose.
+            logits = jnp.einsum("ve,bte->vbt", self.embed_tokens[...].astype(self.dtype), x,
+                                preferred_element_type=jnp.float32).transpose(1, 2, 0)
+        elif self.lm_head is None:
             logits = jnp.einsum("bte,ve->btv", x, self.embed_tokens[...].astype(self.dtype),
                                 preferred_element_type=jnp.float32)
         else:
