@@ -35,6 +35,7 @@ class ModelConfig:
 
     path: str = "warmup"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: bool = False  # rematerialise each layer's activations in the backward pass (long sequences, big models)
     warmup: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # sfpo_jax.tasks.warmup.WarmupConfig
 
 

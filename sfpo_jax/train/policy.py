@@ -45,10 +45,11 @@ def prepare_policy(cfg: Config) -> Path:
 
 
 def load_policy(cfg: Config, task, *, mesh=None, rules=None):
-    """``(model, tokenizer)`` of the run's initial policy, in ``model.dtype``, sharded over ``mesh``."""
+    """``(model, tokenizer)`` of the run's initial policy, in ``model.dtype``, sharded over ``mesh``, with
+    activation rematerialisation when ``model.remat`` is set."""
     path = policy_path(cfg, task)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
-    model = from_pretrained(path, dtype=dtype, mesh=mesh, rules=rules)
+    model = from_pretrained(path, dtype=dtype, mesh=mesh, rules=rules, remat=cfg.model.remat)
     tokenizer = load_tokenizer(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
