@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from sfpo_jax.sampling import Sampler, SamplingConfig
 from sfpo_jax.tasks import ArithmeticTask, char_tokenizer
 from sfpo_jax.train import Checkpointer, NonFiniteError, deterministic, load_config, read_metrics, train
 from sfpo_jax.train import step as learner
-from sfpo_jax.train.loop import batch_indices, eval_sets_of, evaluate
+from sfpo_jax.train.loop import batch_indices, eval_sets_of, evaluate, within_prompt_length
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,15 @@ def test_batch_indices_cover_each_epoch_once_and_are_pure():
     assert sorted(a[:10]) == list(range(10)) and sorted(a[10:]) == list(range(10))
     np.testing.assert_array_equal(batch_indices(10, 4, 3, seed=3), a[12:16])
     assert not np.array_equal(batch_indices(10, 4, 0, seed=4), a[:4])
+
+
+def test_overlong_training_prompts_are_dropped():
+    problems = ["ab", "abcd", "abc", "abcdef"]
+    encode = lambda ps: [list(p) for p in ps]
+    assert within_prompt_length(problems, encode, 3) == ["ab", "abc"]
+    assert within_prompt_length(problems, encode, 6) == problems
+    with pytest.raises(ValueError, match="max_prompt_length=1"):
+        within_prompt_length(problems, encode, 1)
 
 
 @pytest.mark.parametrize(("algo", "calls"), [("sfpo", (2 + 1) * 2), ("grpo", 2)])
@@ -245,8 +255,58 @@ def test_evaluation_reports_each_eval_set_and_generates_in_chunks(policy_dir, mo
 
     out = evaluate(sampler, nnx.state(model), task, eval_sets_of(task, None), encode, tok, cfg, jax.random.key(0))
     assert generated == [2, 2, 1]  # prompts_per_step problems per call, whatever the eval sets' sizes
-    assert task.graded == [5 * 3]  # one grading call over every sample
+    assert task.graded == [2 * 3, 2 * 3, 1 * 3]
     assert list(out) == ["eval/average/accuracy", "eval/first/accuracy", "eval/first/reward",
                          "eval/rest/accuracy", "eval/rest/reward"]
     assert out["eval/average/accuracy"] == pytest.approx((out["eval/first/accuracy"] + out["eval/rest/accuracy"]) / 2)
     assert all(0.0 <= v <= 1.0 for v in out.values())
+
+
+DIGITS_TASK = """
+import numpy as np
+from sfpo_jax.tasks import ArithmeticTask
+
+class Digits(ArithmeticTask):
+    # A reward that varies from the first step on with a random policy: the fraction of digits.
+    def reward(self, completions, answers):
+        return np.asarray([sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions], np.float32)
+
+def make(**kwargs):
+    return Digits(**kwargs)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(policy_dir, tmp_path):
+    """Two JAX processes (2 CPU devices each, gloo collectives, started as on a cluster from JAX_COORDINATOR_ADDRESS)
+    each sample and score their share of every step, and log exactly the metrics of one process with 4 devices."""
+    (tmp_path / "digits_task.py").write_text(DIGITS_TASK)
+    cli = [sys.executable, str(ROOT / "experiments" / "train.py"), "--algo", "sfpo", "--steps", "2",
+           *overrides(policy_dir, tmp_path)[:-1], "task.name=digits_task:make", "mesh.data=-1", "eval.every=2",
+           "task.kwargs={num_train: 64, num_eval: 5}", "run.checkpoint_every=0", "rollout.recompute_old_logprobs=true"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+    def run(out, processes):
+        flags = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={4 // processes}"}
+        if processes > 1:
+            flags |= {"JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": str(processes)}
+        procs = [subprocess.Popen([*cli, "--out", str(out)], env={**env, **flags, "JAX_PROCESS_ID": str(i)},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(processes)]
+        for proc in procs:
+            _, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err.decode()[-3000:]
+        return [deterministic(row) for row in read_metrics(out / "metrics.jsonl")]
+
+    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    assert [r["step"] for r in one] == [1, 2] and one[0]["reward/std"] > 0
+    assert "eval/arithmetic-n3-d1-+-*/accuracy" in one[1]
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        assert {k: a[k] for k in a if a[k] != b[k]} == {}, {k: (a[k], b[k]) for k in a if a[k] != b[k]}

@@ -10,6 +10,10 @@ Determinism: the data order and every PRNG key are pure functions of ``(seed, st
 params, optimizer state and counters, so a run killed at any moment and resumed ends exactly where an
 uninterrupted run ends (same device count). The KL reference policy is the initial policy: it is loaded again
 from ``model.path`` on resume rather than checkpointed.
+
+Multi-host (a TPU pod slice, a GPU cluster): every process runs this loop; each samples and scores its own share
+of every step's prompts, the learner sees one global batch, and process 0 alone writes metrics (see the helpers
+at the end of this module).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from sfpo_jax.optim import calls_per_batch, sfpo_active
 from sfpo_jax.parallel import logical_sharding, make_mesh
 from sfpo_jax.rl import grpo
 from sfpo_jax.sampling import Sampler, SamplingConfig
+from sfpo_jax.sampling.sampler import DEFAULT_PROMPT_BUCKETS
 from sfpo_jax.train import step as learner
 from sfpo_jax.train.checkpoint import Checkpointer
 from sfpo_jax.train.config import Config, save_config, to_dict
@@ -83,7 +88,8 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
     ref_params = jax.tree.map(jnp.copy, params) if cfg.loss.kl_coef > 0 else None
     tx = learner.make_optimizer(cfg)
     opt_state = tx.init(params)
-    sampler = Sampler(model, mesh=mesh, pad_token_id=tokenizer.pad_token_id)
+    bucket = SharedPromptBucket()
+    sampler = Sampler(model, mesh=mesh, pad_token_id=tokenizer.pad_token_id, prompt_buckets=bucket)
     train_problems = task.train_problems()
     eval_sets = eval_sets_of(task, cfg.eval.max_problems) if cfg.eval.every else {}
 
@@ -115,19 +121,23 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
     def encode(problems):
         return [tokenizer.encode(task.render(p), add_special_tokens=False) for p in problems]
 
+    train_problems = within_prompt_length(train_problems, encode, r.max_prompt_length)
+
     bar = tqdm(range(step0, cfg.run.steps), initial=step0, total=cfg.run.steps, desc=cfg.algo,
                disable=not (cfg.run.progress and is_main), dynamic_ncols=True)
     for step in bar:
         key = jax.random.fold_in(base_key, step)
         problems = [train_problems[i] for i in batch_indices(len(train_problems), r.prompts_per_step, step,
                                                              cfg.run.seed)]
-        with timer("sample"):
-            rollout = sampler.generate(encode(problems), rollout_cfg, key, params=params)
+        with timer("sample"):  # each process samples and scores its own share of the step's prompts
+            problems, prompts = host_share(problems, encode(problems), bucket)
+            rollout = sampler.generate(prompts, rollout_cfg, key, params=params)
         with timer("score"):
             answers = [p.answer for p in problems for _ in range(G)]
             rewards = np.asarray(task.reward(rollout.texts(tokenizer), answers), np.float32)
             advantages = np.asarray(grpo.group_advantages(rewards, G, scale_by_std=cfg.loss.scale_adv_by_std))
-            batch = jax.device_put(learner.make_batch(rollout, advantages), batch_sharding)
+            batch = jax.tree.map(lambda x: to_global(x, batch_sharding), learner.make_batch(rollout, advantages))
+            rewards, lengths, finish = (all_hosts(x) for x in (rewards, rollout.lengths, rollout.finish_reason))
         logprob_metrics = {}
         if extra_logprobs:
             with timer("logprobs"):
@@ -160,13 +170,13 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
 
         row = {"step": step + 1, "rollouts": totals["rollouts"], "sfpo_active": active,
                "optimizer_calls": len(call_metrics), "nonfinite_total": totals["nonfinite_total"],
-               **rollout_metrics(rewards, rollout, G), **logprob_metrics, **reduce_call_metrics(call_metrics),
-               "lr": cfg.optim.learning_rate,
-               "time/tokens_per_second": float(rollout.lengths.sum()) / max(timer.last("sample"), 1e-9)}
+               **rollout_metrics(rewards, lengths, finish, G), **logprob_metrics,
+               **reduce_call_metrics(call_metrics), "lr": cfg.optim.learning_rate,
+               "time/tokens_per_second": float(lengths.sum()) / max(timer.last("sample"), 1e-9)}
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.run.steps):
             with timer("eval"):
                 eval_key = jax.random.fold_in(jax.random.fold_in(base_key, step), 1)
-                row |= evaluate(sampler, params, task, eval_sets, encode, tokenizer, cfg, eval_key)
+                row |= evaluate(sampler, params, task, eval_sets, encode, tokenizer, cfg, eval_key, bucket)
         row |= timer.totals()
         logger.log(row)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", sfpo=active, refresh=False)
@@ -180,17 +190,19 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
     return TrainResult(model=model, tokenizer=tokenizer, opt_state=opt_state, history=logger.rows, out_dir=out)
 
 
-def rollout_metrics(rewards: np.ndarray, rollout, group_size: int) -> dict[str, float]:
-    """Reward, accuracy (reward ≥ 1), zero-variance groups and response lengths of one rollout batch."""
+def rollout_metrics(rewards: np.ndarray, lengths: np.ndarray, finish_reason: np.ndarray,
+                    group_size: int) -> dict[str, float]:
+    """Reward, accuracy (reward ≥ 1), zero-variance groups and response lengths of one rollout batch (``[N]``
+    arrays, groups of ``group_size`` consecutive rows)."""
     groups = rewards.reshape(-1, group_size)
     return {
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()),
         "accuracy": float((rewards >= 1.0).mean()),
         "zero_variance_groups": float((groups.max(1) == groups.min(1)).mean()),
-        "response_length/mean": float(rollout.lengths.mean()),
-        "response_length/max": int(rollout.lengths.max()),
-        "finished": float((rollout.finish_reason == 0).mean()),
+        "response_length/mean": float(lengths.mean()),
+        "response_length/max": int(lengths.max()),
+        "finished": float((finish_reason == 0).mean()),
     }
 
 
@@ -206,6 +218,15 @@ def reduce_call_metrics(calls: list[dict]) -> dict[str, float]:
     return out
 
 
+def within_prompt_length(problems: list, encode, max_prompt_length: int) -> list:
+    """The training problems whose rendered prompt has at most ``max_prompt_length`` tokens, in order (as verl's
+    ``data.filter_overlong_prompts`` keeps them); ValueError if none is left."""
+    kept = [p for p, ids in zip(problems, encode(problems), strict=True) if len(ids) <= max_prompt_length]
+    if not kept:
+        raise ValueError(f"no training problem fits rollout.max_prompt_length={max_prompt_length} tokens")
+    return kept
+
+
 def eval_sets_of(task, max_problems: int | None) -> dict[str, list]:
     """The task's evaluation sets by name, each cut to ``max_problems``: ``task.eval_sets()`` when the task has
     several (an optional method, e.g. :class:`sfpo_jax.tasks.MathTask`), else ``{task.name: eval_problems()}``."""
@@ -215,27 +236,32 @@ def eval_sets_of(task, max_problems: int | None) -> dict[str, list]:
     return {name: list(problems)[:max_problems] for name, problems in sets.items()}
 
 
-def evaluate(sampler, params, task, eval_sets: dict[str, list], encode, tokenizer, cfg: Config,
-             key) -> dict[str, float]:
+def evaluate(sampler, params, task, eval_sets: dict[str, list], encode, tokenizer, cfg: Config, key,
+             bucket: SharedPromptBucket | None = None) -> dict[str, float]:
     """pass@1 on each eval set as the mean over ``eval.num_samples`` samples per problem (the paper's avg@k).
 
     Returns ``eval/<set>/accuracy`` and ``eval/<set>/reward`` per set; with several sets, first
     ``eval/average/accuracy``, the unweighted mean over the sets (the paper's "Avg." column, which
     :func:`sfpo_jax.train.summary.summarize` picks as the first accuracy key). Problems are generated
     ``rollout.prompts_per_step`` at a time, so that evaluation needs no more memory than a training step
-    (``eval.num_samples <= rollout.group_size``) whatever the size of the eval sets.
+    (``eval.num_samples <= rollout.group_size``) whatever the size of the eval sets; on several processes each
+    one samples and grades its share of every chunk (``bucket``: the sampler's, see :class:`SharedPromptBucket`).
     """
     e, k = cfg.eval, cfg.eval.num_samples
     scfg = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
                           eos_token_ids=(tokenizer.eos_token_id,), num_samples=k)
     problems = [p for ps in eval_sets.values() for p in ps]
-    chunk, texts = cfg.rollout.prompts_per_step, []
+    chunk, rewards = cfg.rollout.prompts_per_step, []
     for i, start in enumerate(range(0, len(problems), chunk)):
-        rollout = sampler.generate(encode(problems[start : start + chunk]), scfg, jax.random.fold_in(key, i),
-                                   params=params)
-        texts += rollout.texts(tokenizer)
-    answers = [p.answer for p in problems for _ in range(k)]
-    rewards = np.asarray(task.reward(texts, answers), np.float32).reshape(len(problems), k)
+        part = problems[start : start + chunk]
+        # Pad the chunk to equal shares (repeating its last problem); the padding's rewards are dropped below.
+        part = part + part[-1:] * (-len(part) % jax.process_count())
+        local, prompts = host_share(part, encode(part), bucket)
+        rollout = sampler.generate(prompts, scfg, jax.random.fold_in(key, i), params=params)
+        answers = [p.answer for p in local for _ in range(k)]
+        local_rewards = np.asarray(task.reward(rollout.texts(tokenizer), answers), np.float32)
+        rewards.append(all_hosts(local_rewards)[: min(chunk, len(problems) - start) * k])
+    rewards = np.concatenate(rewards).reshape(len(problems), k)
     out, start = {}, 0
     for name, ps in eval_sets.items():
         r = rewards[start : start + len(ps)]
@@ -245,3 +271,53 @@ def evaluate(sampler, params, task, eval_sets: dict[str, list], encode, tokenize
         average = float(np.mean([out[f"eval/{name}/accuracy"] for name in eval_sets]))
         out = {"eval/average/accuracy": average, **out}
     return out
+
+
+# ------------------------------------------------------------------------------------------------ multi-host
+# Every process runs this same loop on the same global data order. Sampling and scoring are split: each process
+# takes its contiguous share of the step's prompts (whole GRPO groups), samples it on the global mesh and grades
+# it; the learner batch is then one global array built from the processes' local rows, and the metrics gather
+# the per-row values of all processes. On one process all of this is the identity.
+
+
+class SharedPromptBucket:
+    """The sampler's ``prompt_buckets``: the default bucket (a power of two) of the longest prompt of the
+    *global* batch, set by :func:`host_share` before each call. On several processes every one must compile the
+    same program shapes whatever its own prompts; on one process this is the sampler's default."""
+
+    def __init__(self):
+        self.longest = 0
+
+    def __call__(self, local_longest: int) -> int:
+        n = max(local_longest, self.longest)
+        return next((b for b in DEFAULT_PROMPT_BUCKETS if b >= n), n)
+
+
+def host_share(problems: list, prompts: list[list[int]], bucket: SharedPromptBucket | None = None):
+    """This process's contiguous share of a global batch: ``(problems, prompts)`` cut to rows
+    ``[i * n / P, (i + 1) * n / P)`` of process ``i`` of ``P``, after setting ``bucket`` from the global batch."""
+    if bucket is not None:
+        bucket.longest = max(map(len, prompts))
+    count, index = jax.process_count(), jax.process_index()
+    if len(problems) % count:
+        raise ValueError(f"{len(problems)} prompts do not split evenly over {count} processes "
+                         "(rollout.prompts_per_step must be a multiple of the process count)")
+    share = len(problems) // count
+    rows = slice(index * share, (index + 1) * share)
+    return problems[rows], prompts[rows]
+
+
+def to_global(local: np.ndarray, sharding) -> jax.Array:
+    """A global array from every process's local rows (in process order), placed with ``sharding``."""
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def all_hosts(local: np.ndarray) -> np.ndarray:
+    """The rows of every process, concatenated in process order (``local`` itself on one process)."""
+    if jax.process_count() == 1:
+        return np.asarray(local)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))
