@@ -100,7 +100,8 @@ def test_paper_configs_pair_differs_only_in_algo(stem):
 def test_paper_configs_have_the_paper_settings(stem):
     hub, prompt_len, response_len, alpha = PAPER[stem]
     cfg = load_config(_config_file(f"{stem}-sfpo"))
-    assert (cfg.model.path, cfg.model.dtype, cfg.task.kwargs["tokenizer"]) == (hub, "bfloat16", hub)
+    m = cfg.model
+    assert (m.path, m.dtype, m.remat, cfg.task.kwargs["tokenizer"]) == (hub, "bfloat16", True, hub)
     s = cfg.sfpo
     assert (cfg.num_fast_steps, s.alpha, s.entropy_window, s.entropy_threshold) == (3, alpha, 30, 1.0)
     o = cfg.optim
