@@ -175,6 +175,22 @@ def test_micro_batches_are_strided_and_invert():
         learner.to_micro_batches(x, 5)
 
 
+def test_micro_batched_update_stays_data_parallel(policy_dir):
+    """With 8 data-parallel devices and 4 micro-batches, the compiled update gathers no batch rows: every device
+    works on its own rows of each micro-batch and only the gradients are reduced (all-reduce)."""
+    mesh = make_mesh(data=8)
+    graphdef, params = nnx.split(from_pretrained(policy_dir, dtype=jnp.float32, mesh=mesh))
+    cfg = load_config(None, ["rollout.prompts_per_step=8", "rollout.num_minibatches=1"])
+    tx = learner.make_optimizer(cfg)
+    n, p, t = 64, 8, 8
+    batch = learner.Batch(np.ones((n, p + t), np.int32), np.ones((n, p + t), bool), np.ones((n, t), bool),
+                          np.zeros((n, t), np.float32), np.zeros(n, np.float32), np.zeros((n, 0), np.float32))
+    batch = jax.device_put(batch, logical_sharding(mesh, ("batch",)))
+    update = learner.make_update_fn(graphdef, tx, cfg, num_micro=4)
+    hlo = update.lower(params, tx.init(params), batch).compile().as_text()
+    assert "all-reduce" in hlo and "all-gather" not in hlo and "all-to-all" not in hlo
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["one-device", "data-parallel"])
 def test_recomputed_old_logprobs_match_the_sampler(policy_dir, sharded):
     """The learner's forward pass at θ_s gives back the sampler's log-probs on a real rollout (float32)."""
