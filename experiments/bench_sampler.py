@@ -1,0 +1,213 @@
+"""W1 — sampling throughput (../shared/bench/README.md): new tokens/s of `sfpo_jax.sampling.Sampler` against
+transformers `generate` and google-tunix's `Sampler`, all in the same run on the same weights.
+
+The bench model (Qwen2 architecture, every matrix ~ N(0, 0.05²), hidden 512, inter 1408, 8 layers, 8 heads,
+2 kv heads, vocab 32000, tied, float32) is written once with PyTorch transformers `save_pretrained` into
+`--model-dir` and loaded by each peer from those files. Workload: 16 prompts × 64 random ids, 128 new tokens,
+temperature 1, no top-k/top-p, no early stop (no EOS). Figures: median over `--repeats` timed calls after one
+warm-up call each, the sides interleaved repeat by repeat (so that load from other processes hits all alike),
+plus our prefill / per-decode-step split.
+
+    python experiments/bench_sampler.py [--repeats 5] [--peers transformers,tunix] [--profile /tmp/trace]
+
+tunix is optional (not a dependency of this project): it is skipped with a note when not importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BATCH, PROMPT_LEN, NEW_TOKENS = 16, 64, 128
+ARCH = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+            num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
+            max_position_embeddings=2048)
+
+
+def make_checkpoint(path: Path) -> Path:
+    """Writes the bench model with transformers (once; reused when `path/config.json` exists)."""
+    if (path / "config.json").exists():
+        return path
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**ARCH, dtype="float32"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(path)
+    return path
+
+
+def make_ours(path: Path, prompts: np.ndarray):
+    """Our `Sampler` on the bench checkpoint; returns `run(seed)` and the sampler (for the prefill/decode split)."""
+    import jax
+    import jax.numpy as jnp
+
+    from sfpo_jax.models import from_pretrained
+    from sfpo_jax.sampling import Sampler, SamplingConfig
+
+    model = from_pretrained(path, dtype=jnp.float32)
+    sampler = Sampler(model, prompt_buckets=(PROMPT_LEN,))
+    config = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0)
+    lists = prompts.tolist()
+
+    def run(i):
+        rollout = sampler.generate(lists, config, jax.random.key(i))
+        assert rollout.mask.all()  # no early stop: every row generated NEW_TOKENS tokens
+
+    return run, sampler
+
+
+def split_ours(sampler, prompts: np.ndarray, repeats: int) -> dict:
+    """Where our time goes: the compiled prefill and decode programs timed apart, on the inputs `generate` feeds
+    them (the first 63 prompt columns, then the last column and 128 decode steps)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    (prog,) = sampler._programs.values()
+    state = nnx.state(sampler.model)
+    ids, mask = jnp.asarray(prompts[:, :-1], jnp.int32), jnp.ones((BATCH, PROMPT_LEN - 1), bool)
+    last = jnp.asarray(prompts[:, -1], jnp.int32)
+    prefill_t, decode_t = [], []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        cache = jax.block_until_ready(prog.prefill(state, ids, mask))
+        t1 = time.perf_counter()
+        jax.block_until_ready(prog.decode(state, cache, last, jax.random.key(i)))
+        decode_t.append(time.perf_counter() - t1)
+        prefill_t.append(t1 - t0)
+    return dict(prefill_s=statistics.median(prefill_t), decode_step_ms=1e3 * statistics.median(decode_t) / NEW_TOKENS)
+
+
+def make_transformers(path: Path, prompts: np.ndarray):
+    """transformers `generate` in a worker process (see `torch_peer.py`: PyTorch slows down beside JAX); the
+    returned `run` waits for the worker and returns the seconds the call took there."""
+    from torch_peer import TorchPeer
+
+    peer = TorchPeer(path)
+    return lambda i: peer.time("generate", prompts, i, NEW_TOKENS)
+
+
+class _IdTokenizer:
+    """tunix's sampler takes strings: prompts are space-separated ids, no BOS."""
+
+    def encode(self, text, **kwargs):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids, **kwargs):
+        return " ".join(map(str, ids))
+
+    def bos_id(self):
+        return None
+
+    def eos_id(self):
+        return -1  # never generated: no early stop
+
+    def pad_id(self):
+        return 0
+
+
+def make_tunix(path: Path, prompts: np.ndarray):
+    import jax.numpy as jnp
+    from tunix.generate import sampler as tunix_sampler
+    from tunix.models.qwen2 import model as tunix_model
+    from tunix.models.qwen2 import params as tunix_params
+
+    config = tunix_model.ModelConfig(
+        num_layers=ARCH["num_hidden_layers"], vocab_size=ARCH["vocab_size"], embed_dim=ARCH["hidden_size"],
+        hidden_dim=ARCH["intermediate_size"], num_heads=ARCH["num_attention_heads"],
+        head_dim=ARCH["hidden_size"] // ARCH["num_attention_heads"], num_kv_heads=ARCH["num_key_value_heads"],
+        rope_theta=int(ARCH["rope_theta"]), norm_eps=ARCH["rms_norm_eps"], use_tied_embedding=True)
+    model = tunix_params.create_model_from_safe_tensors(str(path), config, dtype=jnp.float32)
+    cache = tunix_sampler.CacheConfig(cache_size=PROMPT_LEN + NEW_TOKENS, num_layers=config.num_layers,
+                                      num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
+    sampler = tunix_sampler.Sampler(model, _IdTokenizer(), cache)
+    texts = [" ".join(map(str, p)) for p in prompts.tolist()]
+
+    def run(i):
+        # top_p=1.0 selects tunix's sampling mode, which then skips the sort (plain `jax.random.categorical`).
+        out = sampler(texts, max_generation_steps=NEW_TOKENS, max_prompt_length=PROMPT_LEN, temperature=1.0,
+                      top_p=1.0, eos_tokens=[-1], seed=i)
+        assert len(out.text) == BATCH
+
+    return run
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("jax", "flax", "torch", "transformers", "google-tunix"):
+        try:
+            out.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--peers", default="transformers,tunix", help="comma-separated; empty for ours only")
+    parser.add_argument("--model-dir", type=Path,
+                        default=Path(os.environ.get("SFPO_BENCH_DIR", tempfile.gettempdir())) / "sfpo_bench_qwen2")
+    parser.add_argument("--profile", default=None, help="write a jax.profiler trace of one of our calls here")
+    args = parser.parse_args()
+
+    path = make_checkpoint(args.model_dir)
+    prompts = np.random.default_rng(0).integers(0, ARCH["vocab_size"], (BATCH, PROMPT_LEN)).astype(np.int32)
+    new_tokens = BATCH * NEW_TOKENS
+    load_before = os.getloadavg()
+    ours, sampler = make_ours(path, prompts)
+    runs, skipped = {"ours": ours}, {}
+    makers = {"transformers": make_transformers, "tunix": make_tunix}
+    for peer in filter(None, args.peers.split(",")):
+        try:
+            runs[peer] = makers[peer](path, prompts)
+        except ImportError as e:
+            skipped[peer] = f"not importable: {e}"
+
+    times = {name: [] for name in runs}
+    for run in runs.values():
+        run(0)  # warm-up: compilation, allocator, caches
+    for i in range(1, args.repeats + 1):
+        for name, run in runs.items():  # interleaved, so that load from other processes hits every side alike
+            start = time.perf_counter()
+            inner = run(i)  # the PyTorch worker reports its own time (no pipe or process overhead)
+            times[name].append(inner if inner is not None else time.perf_counter() - start)
+    split = split_ours(sampler, prompts, args.repeats)
+    if args.profile:
+        import jax
+
+        with jax.profiler.trace(args.profile):
+            ours(args.repeats + 1)
+
+    print(f"W1: {BATCH} prompts × {PROMPT_LEN} ids, {NEW_TOKENS} new tokens, temperature 1, no early stop; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {versions()}; median of "
+          f"{args.repeats} interleaved repeats; load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} "
+          f"after")
+    rate = {name: new_tokens / statistics.median(t) for name, t in times.items()}
+    for name, t in times.items():
+        ratio = "" if name == "ours" else f"   ours / {name} = {rate['ours'] / rate[name]:.2f}×"
+        print(f"  {name:13s} {rate[name]:8.1f} new tokens/s  (median {statistics.median(t):.3f} s)" + ratio)
+    for name, why in skipped.items():
+        print(f"  {name:13s} skipped ({why})")
+    print(f"  ours: prefill {1e3 * split['prefill_s']:.1f} ms, decode {split['decode_step_ms']:.2f} ms/step "
+          f"(roofline ≈ 13–15 ms/step on the reference 2-core CPU)")
+    print(json.dumps(dict(times=times, tokens_per_s=rate, **split, skipped=skipped)))
+
+
+if __name__ == "__main__":
+    main()

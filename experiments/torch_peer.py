@@ -1,0 +1,94 @@
+"""The PyTorch side of the benchmarks, in a process of its own.
+
+On this shared 2-core machine PyTorch collapses under load with OpenMP's default active spin-waiting (measured,
+load average ~9: a 2 × 64 forward took 1.3–3.7 s with `OMP_WAIT_POLICY=ACTIVE` against 0.18–0.42 s with
+`PASSIVE`), and we also saw `generate` take 31–56 s beside an initialised JAX backend in the same process against
+4.6 s alone. So `bench_sampler.py` and `bench_model.py` drive their PyTorch peer through this worker, started with
+`OMP_WAIT_POLICY=PASSIVE` unless the caller's environment sets it: it loads the checkpoint once, then answers one
+command per stdin line with the seconds the call took, so the caller can interleave it with its own timings.
+
+    python experiments/torch_peer.py MODEL_DIR
+    stdin:  generate SEED NEW_TOKENS IDS.npy | forward IDS.npy | grad IDS.npy | quit
+    stdout: a line "ready THREADS", then one float per command (seconds)
+
+`TorchPeer` is the client the benchmarks use.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+class TorchPeer:
+    """A running worker: `peer.time("forward", ids)` → seconds of that call in the worker."""
+
+    def __init__(self, model_dir: str | Path):
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+        self._proc = subprocess.Popen([sys.executable, __file__, str(model_dir)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, env=env)
+        self._tmp = tempfile.TemporaryDirectory()
+        ready = self._proc.stdout.readline().split()
+        if not ready or ready[0] != "ready":
+            raise RuntimeError(f"torch_peer did not start (got {ready!r})")
+        self.threads = int(ready[1])
+
+    def time(self, cmd: str, ids: np.ndarray, *args) -> float:
+        path = Path(self._tmp.name) / f"{ids.shape[0]}x{ids.shape[1]}.npy"
+        np.save(path, ids)
+        self._proc.stdin.write(" ".join([cmd, *map(str, args), str(path)]) + "\n")
+        self._proc.stdin.flush()
+        reply = self._proc.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"torch_peer exited during {cmd!r}")
+        return float(reply)
+
+    def close(self):
+        self._proc.stdin.write("quit\n")
+        self._proc.stdin.close()
+        self._proc.wait(timeout=60)
+        self._tmp.cleanup()
+
+
+def main():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+    print(f"ready {torch.get_num_threads()}", flush=True)
+    for line in sys.stdin:
+        cmd, *args = line.split()
+        if cmd == "quit":
+            break
+        ids = torch.tensor(np.load(args[-1]), dtype=torch.long)
+        start = time.perf_counter()
+        if cmd == "generate":
+            torch.manual_seed(int(args[0]))
+            new_tokens = int(args[1])
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                     top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                     pad_token_id=0)
+            assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens)
+        elif cmd == "forward":
+            with torch.inference_mode():
+                model(input_ids=ids)
+        elif cmd == "grad":
+            model.zero_grad(set_to_none=True)
+            logits = model(input_ids=ids).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     ids[:, 1:].reshape(-1))
+            loss.backward()
+        else:
+            raise ValueError(f"unknown command {cmd!r}")
+        print(time.perf_counter() - start, flush=True)
+
+
+if __name__ == "__main__":
+    main()
