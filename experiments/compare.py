@@ -40,13 +40,52 @@ def finished_steps(path: Path) -> int:
     return max((r["step"] for r in rows), default=0)
 
 
-def launch(cmd: list[str], log: Path, threads: int) -> int:
-    """Runs one training process with its output in ``log``; XLA's CPU thread pool sized to its core share."""
+def launch(cmd: list[str], log: Path, threads: int, compile_cache: Path) -> int:
+    """Runs one training process with its output in ``log``; XLA's CPU thread pool sized to its core share.
+
+    The runs of a comparison compile the same programs: JAX's persistent compilation cache lets every run after
+    the first load them from ``compile_cache`` instead of compiling them again."""
     env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(compile_cache))
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={threads > 1}").strip()
     env.setdefault("OMP_NUM_THREADS", str(threads))
     with open(log, "a") as f:
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def run_all(jobs: dict[Path, list[str]], *, config: str, steps: int, workers: int | None = None,
+            compile_cache: Path, desc: str = "runs") -> float:
+    """Runs ``train.py --config config --out DIR ARGS`` for every ``DIR: ARGS`` in ``jobs``, ``workers`` at a time
+    (default: one per core), with one progress bar over all their steps. Finished runs are kept, interrupted
+    ones resumed. Returns the wall-clock seconds; raises naming the log of the first run that failed."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+
+    def job(item):
+        d, extra = item
+        if finished_steps(d) >= steps:
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(HERE / "train.py"), "--config", config, "--out", str(d), *extra,
+               "run.progress=false"]
+        if (d / "checkpoints").exists():
+            cmd.append("--resume")
+        rc = launch(cmd, d / "train.log", threads, compile_cache)
+        if rc != 0:
+            raise RuntimeError(f"run {d} failed (exit {rc}); see {d / 'train.log'}")
+
+    started = time.perf_counter()
+    total = steps * len(jobs)
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=total, desc=f"{len(jobs)} {desc}", unit="step") as bar:
+        futures = [pool.submit(job, item) for item in jobs.items()]
+        while not all(f.done() for f in futures):
+            time.sleep(1.0)
+            done = sum(min(finished_steps(d), steps) for d in jobs)
+            bar.update(done - bar.n)
+        bar.update(total - bar.n)
+        for f in futures:
+            f.result()  # re-raises the first failure with its log path
+    return time.perf_counter() - started
 
 
 def main(argv=None) -> int:
@@ -71,37 +110,10 @@ def main(argv=None) -> int:
 
     prepare_policy(cfg)
 
-    workers = max(1, min(args.workers or os.cpu_count() or 1, len(args.seeds) * len(args.algos)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    jobs = [(a, s) for s in args.seeds for a in args.algos]
-    total = cfg.run.steps * len(jobs)
-
-    def job(algo_seed):
-        algo, seed = algo_seed
-        d = run_dir(out, algo, seed)
-        if finished_steps(d) >= cfg.run.steps:
-            return 0
-        d.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(HERE / "train.py"), "--config", args.config, "--algo", algo, "--seed", str(seed),
-               "--out", str(d), *args.overrides, "run.progress=false"]
-        if (d / "checkpoints").exists():
-            cmd.append("--resume")
-        rc = launch(cmd, d / "train.log", threads)
-        if rc != 0:
-            raise RuntimeError(f"{algo} seed {seed} failed (exit {rc}); see {d / 'train.log'}")
-        return rc
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool, tqdm(total=total, desc=f"{len(jobs)} runs", unit="step") as bar:
-        futures = [pool.submit(job, j) for j in jobs]
-        while not all(f.done() for f in futures):
-            time.sleep(1.0)
-            bar.n = sum(min(finished_steps(run_dir(out, a, s)), cfg.run.steps) for a, s in jobs)
-            bar.refresh()
-        bar.n = total
-        for f in futures:
-            f.result()  # re-raises the first failure with its log path
-    elapsed = time.perf_counter() - started
+    jobs = {run_dir(out, a, s): ["--algo", a, "--seed", str(s), *args.overrides]
+            for s in args.seeds for a in args.algos}
+    elapsed = run_all(jobs, config=args.config, steps=cfg.run.steps, workers=args.workers,
+                      compile_cache=out / ".jax_cache")
 
     runs = {a: {s: read_metrics(run_dir(out, a, s) / "metrics.jsonl") for s in args.seeds} for a in args.algos}
     summary = summarize(runs)

@@ -1,0 +1,80 @@
+"""The experiment scripts: compare.py end to end on a tiny random policy, ablate.py's variants and summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from flax import nnx
+
+from sfpo_jax.models import CausalLM, ModelConfig, save_pretrained
+from sfpo_jax.tasks import char_tokenizer
+from sfpo_jax.train import load_config, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import ablate  # noqa: E402
+import compare  # noqa: E402
+
+ARITH_TINY = ROOT / "experiments" / "configs" / "arith-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("policy")
+    tok = char_tokenizer()
+    cfg = ModelConfig(architecture="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True, attention_bias=True)
+    save_pretrained(CausalLM(cfg, rngs=nnx.Rngs(0)), path, tokenizer=tok)
+    return path
+
+
+def test_compare_runs_both_algorithms_and_writes_the_summary(policy_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    tiny = [f"model.path={policy_dir}", "task.kwargs={num_train: 64, num_eval: 8}", "rollout.prompts_per_step=4",
+            "rollout.group_size=4", "rollout.max_new_tokens=4", "run.steps=2", "eval.every=1", "eval.num_samples=2",
+            "run.checkpoint_every=0"]
+    assert compare.main(["--config", str(ARITH_TINY), "--seeds", "0", "--out", str(out), *tiny]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("grpo_best_accuracy", "grpo_rollouts_to_best", "sfpo_rollouts_to_target", "rollouts_ratio",
+                "wallclock_ratio"):
+        assert key in summary, key
+    for algo, calls in (("grpo", 2), ("sfpo", 8)):  # arith-tiny: 2 mini-batches, K = 3
+        rows = read_metrics(out / algo / "seed0" / "metrics.jsonl")
+        assert [r["step"] for r in rows] == [1, 2] and all(r["optimizer_calls"] == calls for r in rows)
+    assert (out / "accuracy_vs_rollouts.png").stat().st_size > 0 and (out / "summary.md").is_file()
+    assert "GRPO" in capsys.readouterr().out
+    # A finished comparison is reused, not rerun: the metrics stay byte-identical.
+    before = (out / "sfpo" / "seed0" / "metrics.jsonl").read_bytes()
+    assert compare.main(["--config", str(ARITH_TINY), "--seeds", "0", "--out", str(out), *tiny]) == 0
+    assert (out / "sfpo" / "seed0" / "metrics.jsonl").read_bytes() == before
+
+
+def test_compare_rejects_a_bad_override(tmp_path, capsys):
+    assert compare.main(["--config", str(ARITH_TINY), "--out", str(tmp_path), "sfpo.alpha=2"]) == 2
+    assert "sfpo.alpha" in capsys.readouterr().err
+
+
+def test_ablation_variants_are_valid_configs_with_the_right_transform():
+    named = ablate.variants([1, 7], [0.2, 1.0], 0.8)
+    assert list(named) == ["grpo", "K1-a0.2", "K1-a1", "K7-a0.2", "K7-a1", "no-slow-correction", "no-entropy-switch"]
+    cfgs = {name: load_config(ARITH_TINY, extra) for name, extra in named.items()}
+    assert cfgs["grpo"].num_fast_steps == 0
+    assert (cfgs["K7-a0.2"].num_fast_steps, cfgs["K7-a0.2"].sfpo.alpha) == (7, 0.2)
+    assert cfgs["no-slow-correction"].sfpo.slow_correction is False
+    assert cfgs["no-entropy-switch"].sfpo.entropy_window is None
+
+
+def test_ablation_summary_of_a_variant():
+    def rows(accs, switch_at=None):
+        return [{"step": 5 * (i + 1), "rollouts": 640 * (i + 1), "time/total": float(i), "eval/x/accuracy": a,
+                 "sfpo_active": switch_at is None or 5 * (i + 1) < switch_at} for i, a in enumerate(accs)]
+
+    r = ablate.summarize_variant({0: rows([0.1, 0.3, 0.2]), 1: rows([0.1, 0.1, 0.4], switch_at=10)},
+                                 "eval/x/accuracy", target=0.2)
+    assert r["best"] == pytest.approx(0.3) and r["final"] == pytest.approx(0.3)
+    assert r["rollouts_to_target"] == 1280 and r["switched_to_grpo_at_step"] == 10
+    assert ablate.summarize_variant({0: rows([0.1, 0.1])}, "eval/x/accuracy", target=0.5)["rollouts_to_target"] is None
+
