@@ -6,7 +6,8 @@ pytree. Each optimizer runs one jitted ``update`` + ``apply_updates`` per call w
 donated, on a fixed gradient pytree. Each repeat times one whole SFPO cycle (K+1 calls: the call that stores the
 slow point, the plain fast calls, the reposition, the slow correction) call by call, and the same number of calls
 of each peer; the optimizers are interleaved, and the report gives medians per call index, their mean over the
-cycle, the ratio to adamw, and the optimizer-state bytes.
+cycle, the ratio to adamw, and the optimizer-state bytes. Each call's process CPU time is reported beside its wall
+time: on a shared machine the wall time also counts the time spent waiting for a core.
 
   python experiments/bench_transform.py --repeats 20 --warmup 3
 """
@@ -102,6 +103,7 @@ def main() -> None:
             lambda p: optax.LookaheadParams(fast=p, slow=jax.tree.map(jnp.copy, p)),
         ),
     }
+    load_before = f"{os.getloadavg()[0]:.1f}"
     runs = {}
     for name, (tx, wrap) in cases.items():
         params = wrap(jax.tree.map(jnp.copy, params0))
@@ -112,19 +114,21 @@ def main() -> None:
             "state": state,
             "state_bytes": tree_bytes(state),
             "param_bytes": tree_bytes(params),
-            "times": [],  # [repeat][call index] seconds
+            "times": [],  # [repeat][call index] wall seconds
+            "cpu_times": [],  # [repeat][call index] CPU seconds of this process (all its threads)
         }
 
-    def run_cycle(r) -> list[float]:
-        """One full cycle, each call timed to completion."""
-        params, state, times = r["params"], r["state"], []
+    def run_cycle(r) -> tuple[list[float], list[float]]:
+        """One full cycle, each call timed to completion: wall and process CPU seconds."""
+        params, state, times, cpu_times = r["params"], r["state"], [], []
         for _ in range(cycle):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             params, state = r["step"](params, state, grads)
             jax.block_until_ready((params, state))
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
         r["params"], r["state"] = params, state
-        return times
+        return times, cpu_times
 
     for _ in range(args.warmup):
         for r in runs.values():
@@ -132,32 +136,44 @@ def main() -> None:
     for _ in range(args.repeats):
         for r in runs.values():
             run_cycle(r)  # untimed: refills the caches the other optimizers evicted, so no one pays a cold start
-            r["times"].append(run_cycle(r))
+            wall, cpu = run_cycle(r)
+            r["times"].append(wall)
+            r["cpu_times"].append(cpu)
 
     base = runs["adamw"]
     per_call = {name: 1e3 * np.median(np.array(r["times"]), axis=0) for name, r in runs.items()}
+    # CPU time excludes the time this process waits for a core, so it is the steadier figure on a busy machine
+    # (memory-bandwidth contention still shows in it).
+    cpu_per_call = {name: 1e3 * np.median(np.array(r["cpu_times"]), axis=0) for name, r in runs.items()}
     lines = [
         f"W3 on {platform.machine()} ({os.cpu_count()} cores), jax {jax.__version__}, optax {optax.__version__}: "
         f"{num_params / 1e6:.1f}M float32 params ({base['param_bytes'] / 2**20:.0f} MiB); jitted update + "
         f"apply_updates with params and state donated; {args.repeats} timed cycles of {cycle} calls per optimizer "
         f"after {args.warmup} warm-up cycles, interleaved; medians per call index.",
         "",
-        "| optimizer | ms per call, by call index | ms / call (cycle mean) | × adamw | opt-state MiB "
+        "| optimizer | wall ms per call, by call index | wall ms / call (cycle mean) | × adamw "
+        "| CPU ms per call, by call index | CPU ms / call (cycle mean) | × adamw | opt-state MiB "
         "| params + state, × params |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in runs.items():
-        mean = per_call[name].mean()
+        mean, cpu_mean = per_call[name].mean(), cpu_per_call[name].mean()
         total = (r["param_bytes"] + r["state_bytes"]) / base["param_bytes"]
         lines.append(
             f"| `{name}` | {' / '.join(f'{t:.1f}' for t in per_call[name])} | {mean:.1f} | "
-            f"{mean / per_call['adamw'].mean():.3f} | {r['state_bytes'] / 2**20:.1f} | {total:.2f} |"
+            f"{mean / per_call['adamw'].mean():.3f} | {' / '.join(f'{t:.1f}' for t in cpu_per_call[name])} | "
+            f"{cpu_mean:.1f} | {cpu_mean / cpu_per_call['adamw'].mean():.3f} | "
+            f"{r['state_bytes'] / 2**20:.1f} | {total:.2f} |"
         )
     paired = np.array(runs[sfpo_name]["times"]).sum(1) / np.array(base["times"]).sum(1)
+    cpu_paired = np.array(runs[sfpo_name]["cpu_times"]).sum(1) / np.array(base["cpu_times"]).sum(1)
     lines += [
         "",
-        f"sfpo / adamw, paired per cycle: median {np.median(paired):.3f} "
-        f"(quartiles {np.quantile(paired, 0.25):.3f}–{np.quantile(paired, 0.75):.3f}); "
+        f"sfpo / adamw, paired per cycle: wall median {np.median(paired):.3f} "
+        f"(quartiles {np.quantile(paired, 0.25):.3f}–{np.quantile(paired, 0.75):.3f}), CPU median "
+        f"{np.median(cpu_paired):.3f} (quartiles {np.quantile(cpu_paired, 0.25):.3f}–"
+        f"{np.quantile(cpu_paired, 0.75):.3f}); load average before/after {load_before} / "
+        f"{os.getloadavg()[0]:.1f}; "
         f"state beyond adamw's: {(runs[sfpo_name]['state_bytes'] - base['state_bytes']) / base['param_bytes']:.4f} "
         "× params.",
     ]
