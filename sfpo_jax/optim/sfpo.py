@@ -215,12 +215,14 @@ def sfpo(
         a = alpha(state.num_batches) if callable(alpha) else alpha
         is_store = jnp.logical_and(state.active, c == 0)
         is_repos = jnp.logical_and(state.active, c == last_fast)
-        # Selects with a scalar predicate rather than lax.cond/switch: a conditional makes XLA copy every operand
-        # its untaken branch passes through (the updates and the slow point: a full extra copy of each on every
-        # call, measured 5.7x adamw on CPU), while these selects fuse into the inner optimizer's loops, whose
-        # loop-invariant predicate lets the compiler skip the untaken side (W3 in BENCHMARKS.md: the calls that
-        # neither store nor reposition cost what adamw costs). With K·M = 1 the one fast call does both, and the
-        # reposition then reads the θ_s it has just stored.
+        # Selects with a scalar predicate rather than lax.cond/switch: a conditional over the updates makes them
+        # materialise as its operands (measured 5.7x adamw on CPU), while these selects fuse into the inner
+        # optimizer's loops, which LLVM unswitches on the loop-invariant predicate. On XLA:CPU (checked in the
+        # emitted IR) the store's loop is skipped outright when not storing (its output aliases θ_s in place) and
+        # the plain version of the update loop never loads θ_s, so the calls that neither store nor reposition
+        # cost what adamw costs; storing costs one read of the params and one write of θ_s, repositioning one read
+        # of θ_s (W3 in BENCHMARKS.md). With K·M = 1 the one fast call does both, and the reposition then reads
+        # the θ_s it has just stored.
         slow = jax.tree.map(lambda s, p: jnp.where(is_store, p, s), state.slow_params, params)
 
         def reposition(u, s, p):
