@@ -301,28 +301,33 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_match_one(policy_dir, tmp_path):
     """Two JAX processes (2 CPU devices each, gloo collectives, started as on a cluster from JAX_COORDINATOR_ADDRESS)
-    each sample and score their share of every step, and log exactly the metrics of one process with 4 devices."""
+    each sample and score their share of every step, checkpoint collectively and resume, and log exactly the
+    metrics of one uninterrupted process with 4 devices."""
     (tmp_path / "digits_task.py").write_text(DIGITS_TASK)
-    cli = [sys.executable, str(ROOT / "experiments" / "train.py"), "--algo", "sfpo", "--steps", "2",
-           *overrides(policy_dir, tmp_path)[:-1], "task.name=digits_task:make", "mesh.data=-1", "eval.every=2",
-           "task.kwargs={num_train: 64, num_eval: 5}", "run.checkpoint_every=0", "rollout.recompute_old_logprobs=true"]
+    cli = [sys.executable, str(ROOT / "experiments" / "train.py"), "--algo", "sfpo",
+           *overrides(policy_dir, tmp_path)[:-1], "task.name=digits_task:make", "mesh.data=-1", "eval.every=1",
+           "task.kwargs={num_train: 64, num_eval: 4}", "eval.num_samples=4", "rollout.recompute_old_logprobs=true"]
+    # Every host's share of a sampler call is 8 rows (2 prompts x 4 samples), the sampler's batch padding, so the
+    # global batches, and with them the random draws, are those of the one-process run.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
 
-    def run(out, processes):
-        flags = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={4 // processes}"}
+    def run(out, processes, *flags):
+        extra = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={4 // processes}"}
         if processes > 1:
-            flags |= {"JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": str(processes)}
-        procs = [subprocess.Popen([*cli, "--out", str(out)], env={**env, **flags, "JAX_PROCESS_ID": str(i)},
+            extra |= {"JAX_COORDINATOR_ADDRESS": f"localhost:{free_port()}", "JAX_NUM_PROCESSES": str(processes)}
+        procs = [subprocess.Popen([*cli, "--out", str(out), *flags], env={**env, **extra, "JAX_PROCESS_ID": str(i)},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for i in range(processes)]
         for proc in procs:
             _, err = proc.communicate(timeout=600)
             assert proc.returncode == 0, err.decode()[-3000:]
         return [deterministic(row) for row in read_metrics(out / "metrics.jsonl")]
 
-    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    one = run(tmp_path / "one", 1, "--steps", "2")
+    run(tmp_path / "two", 2, "--steps", "1")
+    two = run(tmp_path / "two", 2, "--steps", "2", "--resume")
     assert [r["step"] for r in one] == [1, 2] and one[0]["reward/std"] > 0
-    assert "eval/arithmetic-n3-d1-+-*/accuracy" in one[1]
+    assert all("eval/arithmetic-n3-d1-+-*/accuracy" in r for r in one)  # every step: a 1-step run evaluates too
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
         assert {k: a[k] for k in a if a[k] != b[k]} == {}, {k: (a[k], b[k]) for k in a if a[k] != b[k]}

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from sfpo_jax.optim import calls_per_batch, sfpo_active
@@ -87,7 +88,7 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
     # Taken before any checkpoint restore, so a resumed run gets it back from `model.path`.
     ref_params = jax.tree.map(jnp.copy, params) if cfg.loss.kl_coef > 0 else None
     tx = learner.make_optimizer(cfg)
-    opt_state = tx.init(params)
+    opt_state = replicate_unplaced(tx.init(params), mesh)
     bucket = SharedPromptBucket()
     sampler = Sampler(model, mesh=mesh, pad_token_id=tokenizer.pad_token_id, prompt_buckets=bucket)
     train_problems = task.train_problems()
@@ -305,6 +306,24 @@ def host_share(problems: list, prompts: list[list[int]], bucket: SharedPromptBuc
     share = len(problems) // count
     rows = slice(index * share, (index + 1) * share)
     return problems[rows], prompts[rows]
+
+
+def replicate_unplaced(tree, mesh):
+    """``tree`` with every leaf not yet laid out on ``mesh`` replicated over it.
+
+    ``tx.init`` creates the optimizer's counters (step counts, SFPO's cycle position, the non-finite count) on
+    one device. Such uncommitted arrays are moved by ``jit`` as needed, but a checkpoint restores each leaf with
+    the sharding of its target, committed, and the update then refuses a mix of one-device and mesh-wide
+    arguments: so a resumed run on several devices needs them on the mesh from the start.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x):
+        if not isinstance(x, jax.Array) or isinstance(x.sharding, NamedSharding):
+            return x
+        return to_global(np.asarray(x), replicated)
+
+    return jax.tree.map(place, tree)
 
 
 def to_global(local: np.ndarray, sharding) -> jax.Array:
