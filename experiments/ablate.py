@@ -7,8 +7,9 @@ Runs GRPO (the baseline) and SFPO variants under the same seeds and rollout budg
 ``OUT/ablation.json``, ``OUT/ablation.md`` and heatmaps of the best and final eval accuracy over K × alpha.
 
 Variants (the paper, Section 5): ``K{k}-a{alpha}`` for K in --ks and alpha in --alphas; ``no-slow-correction``
-(θ_{s+1} = θ̃: the batch ends at the repositioned point); ``no-entropy-switch`` (SFPO never hands over to GRPO).
-The last two use K=3, alpha=--alpha.
+(θ_{s+1} = θ̃: the batch ends at the repositioned point); ``entropy-switch`` (the paper's W=30, τ=1.0) and
+``no-entropy-switch`` (SFPO never hands over to GRPO). The last three use K=3, alpha=--alpha; the grid keeps the
+config's switch setting.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def variants(ks, alphas, alpha) -> dict[str, list[str]]:
             out[f"K{k}-a{a:g}"] = ["algo=sfpo", f"sfpo.num_fast_steps={k}", f"sfpo.alpha={a}"]
     out["no-slow-correction"] = ["algo=sfpo", "sfpo.num_fast_steps=3", f"sfpo.alpha={alpha}",
                                  "sfpo.slow_correction=false"]
+    out["entropy-switch"] = ["algo=sfpo", "sfpo.num_fast_steps=3", f"sfpo.alpha={alpha}",
+                             "sfpo.entropy_window=30", "sfpo.entropy_threshold=1.0"]
     out["no-entropy-switch"] = ["algo=sfpo", "sfpo.num_fast_steps=3", f"sfpo.alpha={alpha}",
                                 "sfpo.entropy_window=null"]
     return out

@@ -59,12 +59,14 @@ def test_compare_rejects_a_bad_override(tmp_path, capsys):
 
 def test_ablation_variants_are_valid_configs_with_the_right_transform():
     named = ablate.variants([1, 7], [0.2, 1.0], 0.8)
-    assert list(named) == ["grpo", "K1-a0.2", "K1-a1", "K7-a0.2", "K7-a1", "no-slow-correction", "no-entropy-switch"]
+    assert list(named) == ["grpo", "K1-a0.2", "K1-a1", "K7-a0.2", "K7-a1", "no-slow-correction", "entropy-switch",
+                           "no-entropy-switch"]
     cfgs = {name: load_config(ARITH_TINY, extra) for name, extra in named.items()}
     assert cfgs["grpo"].num_fast_steps == 0
     assert (cfgs["K7-a0.2"].num_fast_steps, cfgs["K7-a0.2"].sfpo.alpha) == (7, 0.2)
     assert cfgs["no-slow-correction"].sfpo.slow_correction is False
     assert cfgs["no-entropy-switch"].sfpo.entropy_window is None
+    assert (cfgs["entropy-switch"].sfpo.entropy_window, cfgs["entropy-switch"].sfpo.entropy_threshold) == (30, 1.0)
 
 
 def test_ablation_summary_of_a_variant():
