@@ -21,10 +21,12 @@ from safetensors.numpy import load_file
 from sfpo_jax.models import CausalLM, ModelConfig, from_pretrained, load_tokenizer, save_pretrained
 from sfpo_jax.parallel import logical_sharding, make_mesh
 from sfpo_jax.sampling import Sampler, SamplingConfig
+from sfpo_jax.sampling.sampler import concat_rollouts
 from sfpo_jax.tasks import ArithmeticTask, char_tokenizer
-from sfpo_jax.train import Checkpointer, NonFiniteError, deterministic, load_config, read_metrics, train
+from sfpo_jax.train import Checkpointer, NonFiniteError, deterministic, load_config, loop, read_metrics, train
 from sfpo_jax.train import step as learner
-from sfpo_jax.train.loop import batch_indices, eval_sets_of, evaluate, within_prompt_length
+from sfpo_jax.train.config import ConfigError
+from sfpo_jax.train.loop import batch_indices, eval_sets_of, evaluate, generate_in_chunks, within_prompt_length
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +88,59 @@ def test_loop_runs_and_logs(policy_dir, tmp_path, algo, calls):
     # The params moved, and a run that is not resumed refuses to overwrite the checkpoints.
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg)
+
+
+def test_chunked_generation_concatenates_the_chunks_rollouts(policy_dir):
+    model, tok = from_pretrained(policy_dir, dtype=jnp.float32), load_tokenizer(policy_dir)
+    task = ArithmeticTask(num_train=8, num_eval=1)
+    prompts = [tok.encode(task.render(p), add_special_tokens=False) for p in task.train_problems()[:4]]
+    prompts = [p[i:] for i, p in enumerate(prompts)]  # several lengths: the chunks' left padding differs
+    sampler = Sampler(model, pad_token_id=tok.pad_token_id, prompt_buckets=(32,))
+    scfg = SamplingConfig(max_new_tokens=6, num_samples=3, eos_token_ids=(tok.eos_token_id,))
+    key, params = jax.random.key(7), nnx.state(model)
+    parts = [sampler.generate(prompts[i : i + 2], scfg, jax.random.fold_in(key, c), params=params)
+             for c, i in enumerate((0, 2))]
+    chunked = generate_in_chunks(sampler, prompts, scfg, key, params, chunk_size=2)
+    assert len(chunked.tokens) == 4 * 3 and chunked.prompt_tokens.shape == (12, 32)
+    for name, a, b, whole in zip(chunked._fields, *parts, chunked, strict=True):
+        np.testing.assert_array_equal(whole, np.concatenate([a, b]), err_msg=name)
+    assert chunked.texts(tok) == parts[0].texts(tok) + parts[1].texts(tok)
+    assert not np.array_equal(parts[0].tokens, parts[1].tokens[:6])  # each chunk drew its own key
+    # A chunk size that covers the batch is one call with the step's key: the unchunked rollout, bit for bit.
+    whole = sampler.generate(prompts, scfg, key, params=params)
+    for c in (None, 4, 9):
+        for name, a, b in zip(whole._fields, whole, generate_in_chunks(sampler, prompts, scfg, key, params, c),
+                              strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}, chunk_size={c}")
+    longer = sampler.generate(prompts[:1], SamplingConfig(max_new_tokens=7, num_samples=3), key)
+    with pytest.raises(ValueError, match="trailing shape of tokens"):
+        concat_rollouts([parts[0], longer])
+    with pytest.raises(ValueError, match="at least one"):
+        concat_rollouts([])
+
+
+def test_loop_samples_in_generation_batches_with_one_program(policy_dir, tmp_path, monkeypatch):
+    samplers, calls = [], []
+
+    class Recording(Sampler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            samplers.append(self)
+
+        def generate(self, prompts, *args, **kwargs):
+            calls.append(len(prompts))
+            return super().generate(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "Sampler", Recording)
+    cfg = load_config(None, [*overrides(policy_dir, tmp_path), "rollout.generation_batch_size=2", "run.steps=1",
+                             "eval.every=0", "run.checkpoint_every=0"])
+    rows = train(cfg).history
+    assert calls == [2, 2]  # prompts_per_step=4 in two calls of 2
+    assert rows[0]["rollouts"] == 4 * 4 and np.isfinite(rows[0]["train/loss"])
+    (sampler,) = samplers
+    assert sampler.num_traces == 2 and len(sampler._programs) == 1  # one (prefill, decode) pair for both chunks
+    with pytest.raises(ConfigError, match=r"rollout\.generation_batch_size: 0"):
+        load_config(None, ["rollout.generation_batch_size=0"])
 
 
 def test_killed_run_resumes_to_the_same_params_and_metrics(policy_dir, tmp_path):

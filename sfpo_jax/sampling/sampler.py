@@ -75,6 +75,23 @@ class Rollout(NamedTuple):
                 for row, m in zip(self.tokens, self.mask, strict=True)]
 
 
+def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
+    """One `Rollout` holding the rows of `rollouts` in order, every field concatenated along axis 0 (e.g. a batch
+    sampled in several `Sampler.generate` calls).
+
+    Every rollout must have the same prompt width P (the same prompt bucket) and the same `max_new_tokens`;
+    ValueError otherwise, naming the field.
+    """
+    if not rollouts:
+        raise ValueError("concat_rollouts needs at least one rollout")
+    for name in Rollout._fields:
+        widths = {getattr(r, name).shape[1:] for r in rollouts}
+        if len(widths) > 1:
+            raise ValueError(f"rollouts differ in the trailing shape of {name}: {sorted(widths)} (sample them "
+                             "with one prompt bucket and one max_new_tokens)")
+    return Rollout(*(np.concatenate(fields, axis=0) for fields in zip(*rollouts, strict=True)))
+
+
 @dataclasses.dataclass(frozen=True)
 class _DecodeSpec:
     """The static part of the decode program."""

@@ -83,6 +83,9 @@ class RolloutConfig:
     num_minibatches: int = 4
     micro_batch_size: int | None = None
     recompute_old_logprobs: bool = False
+    # Prompts per sampler call on each process (None: the process's whole share at once). Smaller values bound
+    # the sampler's KV cache and prefill memory without changing the step's batch; each chunk draws its own key.
+    generation_batch_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +177,8 @@ def _check_ranges(cfg: Config) -> None:
         ("rollout.temperature", cfg.rollout.temperature >= 0),
         ("rollout.top_p", 0.0 < cfg.rollout.top_p <= 1.0),
         ("rollout.num_minibatches", cfg.rollout.num_minibatches >= 1),
+        ("rollout.generation_batch_size", cfg.rollout.generation_batch_size is None
+         or cfg.rollout.generation_batch_size >= 1),
         (
             "rollout.num_minibatches",
             cfg.rollout.prompts_per_step % cfg.rollout.num_minibatches == 0,

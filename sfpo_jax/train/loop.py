@@ -33,7 +33,7 @@ from sfpo_jax.optim import calls_per_batch, sfpo_active
 from sfpo_jax.parallel import logical_sharding, make_mesh
 from sfpo_jax.rl import grpo
 from sfpo_jax.sampling import Sampler, SamplingConfig
-from sfpo_jax.sampling.sampler import DEFAULT_PROMPT_BUCKETS
+from sfpo_jax.sampling.sampler import DEFAULT_PROMPT_BUCKETS, Rollout, concat_rollouts
 from sfpo_jax.train import step as learner
 from sfpo_jax.train.checkpoint import Checkpointer
 from sfpo_jax.train.config import Config, save_config, to_dict
@@ -132,7 +132,7 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
                                                              cfg.run.seed)]
         with timer("sample"):  # each process samples and scores its own share of the step's prompts
             problems, prompts = host_share(problems, encode(problems), bucket)
-            rollout = sampler.generate(prompts, rollout_cfg, key, params=params)
+            rollout = generate_in_chunks(sampler, prompts, rollout_cfg, key, params, r.generation_batch_size)
         with timer("score"):
             answers = [p.answer for p in problems for _ in range(G)]
             rewards = np.asarray(task.reward(rollout.texts(tokenizer), answers), np.float32)
@@ -191,6 +191,27 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
     return TrainResult(model=model, tokenizer=tokenizer, opt_state=opt_state, history=logger.rows, out_dir=out)
 
 
+def generate_in_chunks(sampler: Sampler, prompts: list[list[int]], config: SamplingConfig, key: jax.Array,
+                       params, chunk_size: int | None) -> Rollout:
+    """``sampler.generate`` over ``prompts`` in calls of at most ``chunk_size`` prompts (``rollout.
+    generation_batch_size``), so that the sampler's memory is bounded whatever the batch size.
+
+    Chunk ``i`` samples with ``fold_in(key, i)``. With ``chunk_size`` None, or at least ``len(prompts)``, it is one
+    call with ``key`` itself, bit for bit the unchunked rollout. The chunks share one prompt bucket (the
+    :class:`SharedPromptBucket` holds the global batch's), so equal chunks reuse one compiled (prefill, decode)
+    pair; a smaller last chunk compiles one more. On several processes every one makes the same number of calls,
+    as their shares are equal.
+
+    Returns:
+      The chunks' rollouts concatenated: ``len(prompts) * config.num_samples`` rows, group by group.
+    """
+    if chunk_size is None or len(prompts) <= chunk_size:
+        return sampler.generate(prompts, config, key, params=params)
+    return concat_rollouts([
+        sampler.generate(prompts[start : start + chunk_size], config, jax.random.fold_in(key, i), params=params)
+        for i, start in enumerate(range(0, len(prompts), chunk_size))])
+
+
 def rollout_metrics(rewards: np.ndarray, lengths: np.ndarray, finish_reason: np.ndarray,
                     group_size: int) -> dict[str, float]:
     """Reward, accuracy (reward ≥ 1), zero-variance groups and response lengths of one rollout batch (``[N]``
@@ -244,15 +265,18 @@ def evaluate(sampler, params, task, eval_sets: dict[str, list], encode, tokenize
     Returns ``eval/<set>/accuracy`` and ``eval/<set>/reward`` per set; with several sets, first
     ``eval/average/accuracy``, the unweighted mean over the sets (the paper's "Avg." column, which
     :func:`sfpo_jax.train.summary.summarize` picks as the first accuracy key). Problems are generated
-    ``rollout.prompts_per_step`` at a time, so that evaluation needs no more memory than a training step
-    (``eval.num_samples <= rollout.group_size``) whatever the size of the eval sets; on several processes each
-    one samples and grades its share of every chunk (``bucket``: the sampler's, see :class:`SharedPromptBucket`).
+    ``rollout.prompts_per_step`` at a time, or ``rollout.generation_batch_size`` per process when that is smaller,
+    so that evaluation needs no more memory than a training step (``eval.num_samples <= rollout.group_size``)
+    whatever the size of the eval sets; on several processes each one samples and grades its share of every
+    chunk (``bucket``: the sampler's, see :class:`SharedPromptBucket`).
     """
     e, k = cfg.eval, cfg.eval.num_samples
     scfg = SamplingConfig(max_new_tokens=cfg.rollout.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
                           eos_token_ids=(tokenizer.eos_token_id,), num_samples=k)
     problems = [p for ps in eval_sets.values() for p in ps]
     chunk, rewards = cfg.rollout.prompts_per_step, []
+    if cfg.rollout.generation_batch_size is not None:  # a per-process count; a chunk is split over the processes
+        chunk = min(chunk, cfg.rollout.generation_batch_size * jax.process_count())
     for i, start in enumerate(range(0, len(problems), chunk)):
         part = problems[start : start + chunk]
         # Pad the chunk to equal shares (repeating its last problem); the padding's rewards are dropped below.
