@@ -52,9 +52,15 @@ def summarize_variant(runs: dict[int, list[dict]], key: str, target: float | Non
         "final": float(mean.accuracy[-1]),
         "final_per_seed": {str(s): float(c.accuracy[-1]) for s, c in zip(runs, curves, strict=True)},
         "rollouts_to_target": float(mean.rollouts[hits[0]]) if hits.size else None,
-        "switched_to_grpo_at_step": next((r["step"] for rows in runs.values() for r in rows
-                                          if r.get("sfpo_active") is False), None),
+        "switched_to_grpo_at_step": {str(s): switch_step(rows) for s, rows in runs.items()},
     }
+
+
+def switch_step(rows: list[dict]) -> int | None:
+    """The first step at which an SFPO run had handed over to GRPO (None: never, or not an SFPO run)."""
+    if not rows or not rows[0].get("sfpo_active"):
+        return None
+    return next((r["step"] for r in rows if r.get("sfpo_active") is False), None)
 
 
 def render(results: dict[str, dict], target: float, key: str) -> str:

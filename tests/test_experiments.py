@@ -77,6 +77,8 @@ def test_ablation_summary_of_a_variant():
     r = ablate.summarize_variant({0: rows([0.1, 0.3, 0.2]), 1: rows([0.1, 0.1, 0.4], switch_at=10)},
                                  "eval/x/accuracy", target=0.2)
     assert r["best"] == pytest.approx(0.3) and r["final"] == pytest.approx(0.3)
-    assert r["rollouts_to_target"] == 1280 and r["switched_to_grpo_at_step"] == 10
+    assert r["rollouts_to_target"] == 1280 and r["switched_to_grpo_at_step"] == {"0": None, "1": 10}
+    grpo_rows = [{**row, "sfpo_active": False} for row in rows([0.1, 0.2])]
+    assert ablate.switch_step(grpo_rows) is None
     assert ablate.summarize_variant({0: rows([0.1, 0.1])}, "eval/x/accuracy", target=0.5)["rollouts_to_target"] is None
 
