@@ -38,30 +38,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_sampler import ARCH, make_checkpoint  # the one bench model, shared by the benchmarks
 
 PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS = 2, 8, 64, 128
-ARCH = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-            num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6,
-            max_position_embeddings=2048)
 PAD_ID, EOS_ID = 0, 1  # EOS exists for TRL's sake; neither side can stop early
-
-
-def make_checkpoint(path: Path) -> Path:
-    """Writes the bench model with transformers (once; reused when `path/config.json` exists). Same recipe as
-    `experiments/bench_sampler.py`, so the two benchmarks share the files."""
-    if (path / "config.json").exists():
-        return path
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**ARCH, dtype="float32"))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.05)
-    model.save_pretrained(path)
-    return path
 
 
 def make_tokenizer():
