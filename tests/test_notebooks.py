@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = [
     "01_sfpo_transform.ipynb",
+    "02_reproduce_cpu.ipynb",
     "03_real_models.ipynb",
 ]
 # Per-cell limit: each notebook is meant to run in well under a minute on a 2-core CPU.
