@@ -27,6 +27,7 @@ from sfpo_jax.train import Checkpointer, NonFiniteError, deterministic, load_con
 from sfpo_jax.train import step as learner
 from sfpo_jax.train.config import ConfigError
 from sfpo_jax.train.loop import batch_indices, eval_sets_of, evaluate, generate_in_chunks, within_prompt_length
+from sfpo_jax.train.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -244,6 +245,30 @@ def test_micro_batched_update_stays_data_parallel(policy_dir):
     update = learner.make_update_fn(graphdef, tx, cfg, num_micro=4)
     hlo = update.lower(params, tx.init(params), batch).compile().as_text()
     assert "all-reduce" in hlo and "all-gather" not in hlo and "all-to-all" not in hlo
+
+
+def test_model_remat_config_gives_the_same_update(policy_dir):
+    """``model.remat=true`` loads the policy with rematerialised layers, and one optimizer call then moves the
+    params exactly as without it (within float32 reassociation)."""
+    task = ArithmeticTask(num_train=64, num_eval=4)
+    rng = np.random.default_rng(0)
+    n, p, t = 8, 6, 4
+    batch = learner.Batch(rng.integers(3, 20, (n, p + t)).astype(np.int32), np.ones((n, p + t), bool),
+                          np.ones((n, t), bool), np.full((n, t), -1.0, np.float32),
+                          rng.normal(size=n).astype(np.float32), np.zeros((n, 0), np.float32))
+    moved = []
+    for remat in (False, True):
+        cfg = load_config(None, [f"model.path={policy_dir}", f"model.remat={str(remat).lower()}",
+                                 "rollout.prompts_per_step=2", "rollout.num_minibatches=1", "optim.learning_rate=1e-2"])
+        model, _ = load_policy(cfg, task)
+        assert model.remat is remat
+        graphdef, params = nnx.split(model)
+        tx = learner.make_optimizer(cfg)
+        params, _, metrics = learner.make_update_fn(graphdef, tx, cfg, num_micro=1)(params, tx.init(params), batch)
+        assert np.isfinite(metrics["loss"])
+        moved.append(params)
+    for a, b in zip(jax.tree.leaves(moved[0]), jax.tree.leaves(moved[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["one-device", "data-parallel"])
