@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from compare import run_all
+from compare import command_line, run_all
 
 from sfpo_jax.train.config import ConfigError, load_config
 from sfpo_jax.train.metrics import read_metrics
@@ -95,21 +95,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    from sfpo_jax.train.policy import prepare_policy
-
-    prepare_policy(cfg)
     jobs = {out / name / f"seed{s}": ["--seed", str(s), *args.overrides, *extra]
             for name, extra in named.items() for s in args.seeds}
-    elapsed = run_all(jobs, config=args.config, steps=cfg.run.steps, workers=args.workers,
-                      compile_cache=out / ".jax_cache", desc="ablation runs")
+    elapsed = run_all(jobs, cfg, config=args.config, out=out, workers=args.workers, desc="ablation runs")
 
     runs = {name: {s: read_metrics(out / name / f"seed{s}" / "metrics.jsonl") for s in args.seeds} for name in named}
     key = find_eval_key(runs)
     target = float(mean_curve([eval_curve(rows, key) for rows in runs["grpo"].values()]).accuracy.max())
     results = {name: summarize_variant(r, key, target) for name, r in runs.items()}
     report = {"eval_key": key, "target": target, "seeds": args.seeds, "elapsed_seconds": elapsed,
-              "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+              "command": command_line(argv),
               "variants": results}
     (out / "ablation.json").write_text(json.dumps(report, indent=2))
     table = render(results, target, key)

@@ -53,11 +53,23 @@ def launch(cmd: list[str], log: Path, threads: int, compile_cache: Path) -> int:
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def run_all(jobs: dict[Path, list[str]], *, config: str, steps: int, workers: int | None = None,
-            compile_cache: Path, desc: str = "runs") -> float:
+def command_line(argv: list[str] | None) -> str:
+    """The command as run (script name and arguments), for the summaries."""
+    return " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+
+
+def run_all(jobs: dict[Path, list[str]], cfg, *, config: str, out: Path, workers: int | None = None,
+            desc: str = "runs") -> float:
     """Runs ``train.py --config config --out DIR ARGS`` for every ``DIR: ARGS`` in ``jobs``, ``workers`` at a time
-    (default: one per core), with one progress bar over all their steps. Finished runs are kept, interrupted
-    ones resumed. Returns the wall-clock seconds; raises naming the log of the first run that failed."""
+    (default: one per core), with one progress bar over all their ``cfg.run.steps`` steps. Finished runs are kept,
+    interrupted ones resumed; compiled programs are shared through ``out/.jax_cache``. Returns the wall-clock
+    seconds; raises naming the log of the first run that failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    # The warm-up policy is trained once, here, so that parallel runs do not race to build the same cache.
+    from sfpo_jax.train.policy import prepare_policy
+
+    prepare_policy(cfg)
+    steps, compile_cache = cfg.run.steps, out / ".jax_cache"
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     threads = max(1, (os.cpu_count() or 1) // workers)
 
@@ -103,21 +115,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # The warm-up policy is trained once, here, so that parallel runs do not race to build the same cache.
-    from sfpo_jax.train.policy import prepare_policy
-
-    prepare_policy(cfg)
-
     jobs = {run_dir(out, a, s): ["--algo", a, "--seed", str(s), *args.overrides]
             for s in args.seeds for a in args.algos}
-    elapsed = run_all(jobs, config=args.config, steps=cfg.run.steps, workers=args.workers,
-                      compile_cache=out / ".jax_cache")
+    elapsed = run_all(jobs, cfg, config=args.config, out=out, workers=args.workers)
 
     runs = {a: {s: read_metrics(run_dir(out, a, s) / "metrics.jsonl") for s in args.seeds} for a in args.algos}
     summary = summarize(runs)
-    summary["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    summary["command"] = command_line(argv)
     summary["elapsed_seconds"] = elapsed
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     table = render_markdown(summary)
