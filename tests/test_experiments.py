@@ -7,10 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from flax import nnx
 
-from sfpo_jax.models import CausalLM, ModelConfig, save_pretrained
-from sfpo_jax.tasks import char_tokenizer
 from sfpo_jax.train import load_config, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,16 +16,6 @@ import ablate  # noqa: E402
 import compare  # noqa: E402
 
 ARITH_TINY = ROOT / "experiments" / "configs" / "arith-tiny.yaml"
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("policy")
-    tok = char_tokenizer()
-    cfg = ModelConfig(architecture="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=1,
-                      num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True, attention_bias=True)
-    save_pretrained(CausalLM(cfg, rngs=nnx.Rngs(0)), path, tokenizer=tok)
-    return path
 
 
 def test_compare_runs_both_algorithms_and_writes_the_summary(policy_dir, tmp_path, capsys):

@@ -18,11 +18,11 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from sfpo_jax.models import CausalLM, ModelConfig, from_pretrained, load_tokenizer, save_pretrained
+from sfpo_jax.models import from_pretrained, load_tokenizer
 from sfpo_jax.parallel import logical_sharding, make_mesh
 from sfpo_jax.sampling import Sampler, SamplingConfig
 from sfpo_jax.sampling.sampler import concat_rollouts
-from sfpo_jax.tasks import ArithmeticTask, char_tokenizer
+from sfpo_jax.tasks import ArithmeticTask
 from sfpo_jax.train import Checkpointer, NonFiniteError, deterministic, load_config, loop, read_metrics, train
 from sfpo_jax.train import step as learner
 from sfpo_jax.train.config import ConfigError
@@ -30,18 +30,6 @@ from sfpo_jax.train.loop import batch_indices, eval_sets_of, evaluate, generate_
 from sfpo_jax.train.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> Path:
-    """A tiny random Qwen2 policy with the character tokenizer, as a Hugging Face folder."""
-    path = tmp_path_factory.mktemp("policy")
-    tok = char_tokenizer()
-    cfg = ModelConfig(architecture="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True, attention_bias=True)
-    save_pretrained(CausalLM(cfg, rngs=nnx.Rngs(0)), path)
-    tok.save_pretrained(path)
-    return path
 
 
 def overrides(policy_dir: Path, out: Path, *extra: str) -> list[str]:
