@@ -136,7 +136,9 @@ def test_kv_cache_logical_axes_cover_every_field():
                          num_kv_heads=1, head_dim=4, attention_bias=True)
     model = CausalLM(config, rngs=nnx.Rngs(0))
     cache = model.init_cache(3, 5)
-    assert cache.k.shape == (2, 3, 1, 5, 4) and cache.k.dtype == jnp.float32
+    # Keys transposed (head_dim before slots), values not.
+    assert cache.k.shape == (2, 3, 1, 4, 5) and cache.v.shape == (2, 3, 1, 5, 4) and cache.k.dtype == jnp.float32
+    assert cache.max_length == 5
     for field, names in zip(cache, KVCache.logical_axes(), strict=True):
         assert field.ndim == len(names)
     # The cache is a prefix of its axes tree, so tree.map hands each field its tuple of names.

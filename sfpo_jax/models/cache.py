@@ -17,9 +17,12 @@ class KVCache(NamedTuple):
     (overwriting the last slots).
 
     Attributes:
-      k, v: `[num_layers, B, num_kv_heads, S, head_dim]`, keys after RoPE (and q/k norm), values. Heads before
-        slots, so that one layer's `[B, KVH, S, D]` is what the attention matmuls read, with no transpose per
-        decode step.
+      k: `[num_layers, B, num_kv_heads, head_dim, S]`, keys after RoPE (and q/k norm), transposed: a decode
+        step's scores `q [G, D] @ k [D, S]` per (row, kv head) are then a plain matrix product, which XLA:CPU
+        runs ~1.4× faster than the `q @ k[S, D]ᵀ` form.
+      v: `[num_layers, B, num_kv_heads, S, head_dim]`, values.
+        Heads come before slots in both, so that one layer's slice is what the attention products read, with no
+        transpose per decode step.
       mask: `[B, S] bool`, whether a slot holds a real token (padding and unwritten slots are False).
       num_tokens: `[B] int32`, real tokens stored per row; the next token's RoPE position.
       index: `int32` scalar, the next slot to write, shared by all rows.
@@ -35,10 +38,9 @@ class KVCache(NamedTuple):
     def init(cls, num_layers: int, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
              dtype=jnp.float32) -> KVCache:
         """An empty cache of `max_length` slots per row."""
-        shape = (num_layers, batch_size, num_kv_heads, max_length, head_dim)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=jnp.zeros((num_layers, batch_size, num_kv_heads, head_dim, max_length), dtype),
+            v=jnp.zeros((num_layers, batch_size, num_kv_heads, max_length, head_dim), dtype),
             mask=jnp.zeros((batch_size, max_length), jnp.bool_),
             num_tokens=jnp.zeros((batch_size,), jnp.int32),
             index=jnp.zeros((), jnp.int32),
@@ -46,11 +48,12 @@ class KVCache(NamedTuple):
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[3]
+        return self.mask.shape[1]
 
     @staticmethod
     def logical_axes() -> KVCache:
         """Logical axis names of each field, e.g. for `jax.tree.map(f, cache, KVCache.logical_axes())`
         (the cache's leaves are a prefix of this tree, so `f` receives each field's tuple of names)."""
-        kv = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
-        return KVCache(k=kv, v=kv, mask=("batch", "cache_seq"), num_tokens=("batch",), index=())
+        return KVCache(k=("layers", "batch", "kv_heads", "head_dim", "cache_seq"),
+                       v=("layers", "batch", "kv_heads", "cache_seq", "head_dim"),
+                       mask=("batch", "cache_seq"), num_tokens=("batch",), index=())

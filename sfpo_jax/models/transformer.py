@@ -98,15 +98,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     """Grouped-query attention without repeating k/v.
 
     Args:
-      q: `[B, T, H, D]`; k, v: `[B, KVH, S, D]` (the cache's layout) with H a multiple of KVH.
+      q: `[B, T, H, D]`; k: `[B, KVH, D, S]` and v: `[B, KVH, S, D]` (the cache's layouts), H a multiple of
+        KVH.
       mask: `[B, T, S] bool`, whether query t may attend to key s.
     Returns:
       `[B, T, H, D]` in v's dtype; scores and softmax in float32.
     """
     b, t, h, d = q.shape
     kvh = k.shape[1]
+    if t == 1:
+        q = q.reshape(b, kvh, h // kvh, d)
+        scores = jnp.einsum("bkgd,bkds->bkgs", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+        scores = jnp.where(mask[:, None], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, t, h, d)
     q = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum("btkgd,bkds->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
@@ -129,18 +136,17 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, inv_freq, mask, kv=None, layer=0, index=None):
         """x `[B, T, E]`, positions `[B, T]`, mask `[B, T, S] bool`. Without `kv`, S = T and the keys are this
-        call's; with `kv = (k_all, v_all)` (`[L, B, KVH, S, D]`), this call's keys are written into layer `layer`
+        call's; with `kv = (k_all, v_all)` (`KVCache.k`, `.v`), this call's keys are written into layer `layer`
         at slot `index` and attention runs over all S slots. Returns `(y [B, T, E], kv)`."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, D]
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, KVH, D, T], [B, KVH, T, D]
         if kv is not None:
             k_all, v_all = kv
-            start = (layer, 0, 0, index, 0)
-            k_all = lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            k_all = lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, 0, 0, index))
+            v_all = lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, 0, index, 0))
             kv = (k_all, v_all)
             k, v = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
         return self.o_proj(attend(q, k, v, mask)), kv
