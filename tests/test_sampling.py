@@ -10,6 +10,7 @@ from flax import nnx
 from sfpo_jax.models import CausalLM, ModelConfig
 from sfpo_jax.parallel import make_mesh
 from sfpo_jax.sampling import FinishReason, Rollout, Sampler, SamplingConfig, sample_logits
+from sfpo_jax.sampling.ops import argmax
 
 VOCAB = 96
 CONFIG = ModelConfig("qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -161,6 +162,15 @@ def test_sample_logits_top_k_one_is_greedy():
                                   jnp.argmax(logits, -1))
     np.testing.assert_array_equal(sample_logits(jax.random.key(1), logits, temperature=2.0, top_p=1e-6),
                                   jnp.argmax(logits, -1))
+
+
+def test_argmax_matches_numpy_with_ties_and_infinities():
+    logits = np.asarray(jax.random.randint(jax.random.key(0), (64, 300), -3, 3), np.float32)  # many ties
+    logits[0] = -np.inf
+    logits[1, 7] = np.inf
+    logits[2, 299] = 10.0  # the last id
+    np.testing.assert_array_equal(argmax(jnp.asarray(logits)), np.argmax(logits, -1))
+    assert int(argmax(jnp.full((1, 5), jnp.nan))[0]) in range(5)  # garbage in, still a valid id
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
