@@ -9,7 +9,15 @@ from flax import nnx
 
 from sfpo_jax.models import CausalLM, ModelConfig
 from sfpo_jax.parallel import make_mesh
-from sfpo_jax.sampling import FinishReason, Rollout, Sampler, SamplingConfig, sample_logits
+from sfpo_jax.sampling import (
+    FinishReason,
+    Rollout,
+    Sampler,
+    SamplingConfig,
+    sample_logits,
+    sample_with_logprobs,
+    token_logprobs,
+)
 from sfpo_jax.sampling.ops import argmax
 
 VOCAB = 96
@@ -162,6 +170,18 @@ def test_sample_logits_top_k_one_is_greedy():
                                   jnp.argmax(logits, -1))
     np.testing.assert_array_equal(sample_logits(jax.random.key(1), logits, temperature=2.0, top_p=1e-6),
                                   jnp.argmax(logits, -1))
+
+
+@pytest.mark.parametrize("controls", [dict(temperature=1.0), dict(temperature=0.7), dict(temperature=1.0, top_k=5),
+                                      dict(temperature=0.0)])
+def test_sample_with_logprobs_equals_sample_then_score(controls):
+    # Temperature 1 takes the shared-normaliser path; the others sample and score separately.
+    logits = 3.0 * jax.random.normal(jax.random.key(0), (8, 700))
+    logits = logits.at[0, ::2].set(-jnp.inf)
+    key = jax.random.key(1)
+    tokens, logprobs = jax.jit(lambda k, x: sample_with_logprobs(k, x, **controls))(key, logits)
+    np.testing.assert_array_equal(tokens, sample_logits(key, logits, **controls))
+    np.testing.assert_allclose(logprobs, token_logprobs(logits, tokens), atol=1e-5)
 
 
 def test_argmax_matches_numpy_with_ties_and_infinities():

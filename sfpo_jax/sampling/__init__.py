@@ -1,7 +1,7 @@
 """Fast batched sampling with a KV cache: `Sampler.generate(prompts, SamplingConfig(...), key) -> Rollout`."""
 
 from sfpo_jax.sampling.config import SamplingConfig
-from sfpo_jax.sampling.ops import sample_logits, token_logprobs
+from sfpo_jax.sampling.ops import sample_logits, sample_with_logprobs, token_logprobs
 from sfpo_jax.sampling.sampler import DEFAULT_PROMPT_BUCKETS, FinishReason, Rollout, Sampler
 
 __all__ = [
@@ -11,5 +11,6 @@ __all__ = [
     "Sampler",
     "SamplingConfig",
     "sample_logits",
+    "sample_with_logprobs",
     "token_logprobs",
 ]

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sfpo_jax.models import KVCache
 from sfpo_jax.parallel import logical_sharding, param_shardings
 from sfpo_jax.sampling.config import SamplingConfig
-from sfpo_jax.sampling.ops import sample_logits, token_logprobs
+from sfpo_jax.sampling.ops import sample_with_logprobs
 
 DEFAULT_PROMPT_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 … 32768
 
@@ -322,9 +322,8 @@ def _decode_loop(model, cache: KVCache, last: jax.Array, key: jax.Array, spec: _
         step, cache, token, done, tokens, logprobs, lengths = carry
         logits, cache = model(token[:, None], cache=cache)
         logits = logits[:, 0]
-        new = sample_logits(jax.random.fold_in(key, step), logits, temperature=spec.temperature,
-                            top_k=spec.top_k, top_p=spec.top_p)
-        logp = token_logprobs(logits, new)
+        new, logp = sample_with_logprobs(jax.random.fold_in(key, step), logits, temperature=spec.temperature,
+                                         top_k=spec.top_k, top_p=spec.top_p)
         new = jnp.where(done, spec.pad_token_id, new)
         logp = jnp.where(done, 0.0, logp)
         tokens = lax.dynamic_update_slice(tokens, new[:, None], (0, step))
