@@ -8,7 +8,11 @@ temperature 1, no top-k/top-p, no early stop (no EOS). Figures: median over `--r
 warm-up call each, the sides interleaved repeat by repeat (so that load from other processes hits all alike),
 plus our prefill / per-decode-step split.
 
-    python experiments/bench_sampler.py [--repeats 5] [--peers transformers,tunix] [--profile /tmp/trace]
+    python experiments/bench_sampler.py [--repeats 5] [--peers transformers,tunix] [--profile /tmp/trace] [--breakdown]
+
+`--breakdown` profiles one decode call and prints where the step goes: the time of every executed XLA op, summed by
+the source operation it came from (the HLO `op_name`) and output shape. The profiler adds a fixed cost per op, so
+the shares are what to read, not the absolute times.
 
 tunix is optional (not a dependency of this project): it is skipped with a note when not importable.
 """
@@ -91,6 +95,44 @@ def split_ours(sampler, prompts: np.ndarray, repeats: int) -> dict:
     return dict(prefill_s=statistics.median(prefill_t), decode_step_ms=1e3 * statistics.median(decode_t) / NEW_TOKENS)
 
 
+def decode_breakdown(sampler, prompts: np.ndarray, trace_dir: str, new_tokens: int = NEW_TOKENS,
+                     top: int = 14) -> list[tuple[float, float, str]]:
+    """`(ms per step, ops per step, "shape source-op")` rows, largest first, from a `jax.profiler` trace of one
+    decode call joined with the compiled program's HLO (fusion name → output shape and `op_name`).
+
+    `sampler` has generated once from `prompts [B, P]` (all of one length, its prompt bucket) with `new_tokens` new
+    tokens and no early stop, so it holds exactly that one program pair."""
+    import collections
+    import gzip
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    (prog,) = sampler._programs.values()
+    state = nnx.state(sampler.model)
+    ids, last, key = jnp.asarray(prompts[:, :-1], jnp.int32), jnp.asarray(prompts[:, -1], jnp.int32), jax.random.key(0)
+    mask = jnp.ones(ids.shape, bool)
+    hlo = prog.decode.lower(state, prog.prefill(state, ids, mask), last, key).compile().as_text()
+    source = {}
+    for name, shape, op in re.findall(r'^\s*%([\w.\-]+) = (\S+) \w[\w-]*\(.*?op_name="([^"]*)"', hlo, re.M):
+        parts = op.split("/")  # an einsum's products are named after its spec: "…/bkgd,bkds->bkgs/dot_general"
+        source[name] = f"{shape} {parts[-2] if parts[-1] == 'dot_general' and '->' in parts[-2] else parts[-1]}"
+    cache = jax.block_until_ready(prog.prefill(state, ids, mask))
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        jax.block_until_ready(prog.decode(state, cache, last, key))
+    (trace,) = Path(trace_dir).rglob("*.trace.json.gz")
+    total, count = collections.Counter(), collections.Counter()
+    for event in json.load(gzip.open(trace))["traceEvents"]:
+        name = event.get("name", "")
+        if event.get("ph") == "X" and name in source:  # executed HLO ops only (not runtime or Python frames)
+            row = re.sub(r"\.\d+\b", "", source[name])
+            total[row] += event["dur"] / 1e3 / new_tokens
+            count[row] += 1
+    return [(ms, count[row] / new_tokens, row) for row, ms in total.most_common(top)]
+
+
 def make_transformers(path: Path, prompts: np.ndarray):
     """transformers `generate` in a worker process (see `torch_peer.py`: PyTorch slows down beside JAX); the
     returned `run` waits for the worker and returns the seconds the call took there."""
@@ -164,6 +206,7 @@ def main():
     parser.add_argument("--model-dir", type=Path,
                         default=Path(os.environ.get("SFPO_BENCH_DIR", tempfile.gettempdir())) / "sfpo_bench_qwen2")
     parser.add_argument("--profile", default=None, help="write a jax.profiler trace of one of our calls here")
+    parser.add_argument("--breakdown", action="store_true", help="print where our decode step goes (profiled)")
     args = parser.parse_args()
 
     path = make_checkpoint(args.model_dir)
@@ -204,8 +247,14 @@ def main():
         print(f"  {name:13s} {rate[name]:8.1f} new tokens/s  (median {statistics.median(t):.3f} s)" + ratio)
     for name, why in skipped.items():
         print(f"  {name:13s} skipped ({why})")
-    print(f"  ours: prefill {1e3 * split['prefill_s']:.1f} ms, decode {split['decode_step_ms']:.2f} ms/step "
-          f"(roofline ≈ 13–15 ms/step on the reference 2-core CPU)")
+    print(f"  ours: prefill {1e3 * split['prefill_s']:.1f} ms, decode {split['decode_step_ms']:.2f} ms/step")
+    if args.breakdown:
+        rows = decode_breakdown(sampler, prompts, tempfile.mkdtemp(prefix="sfpo_w1_trace_"))
+        profiled = sum(ms for ms, _, _ in rows)
+        print(f"  decode step under the profiler, top {len(rows)} (output shape, source op), "
+              f"{profiled:.2f} ms/step in these:")
+        for ms, n, row in rows:
+            print(f"    {ms:6.3f} ms/step {100 * ms / profiled:5.1f}%  {n:4.1f} ops/step  {row}")
     print(json.dumps(dict(times=times, tokens_per_s=rate, **split, skipped=skipped)))
 
 

@@ -1,4 +1,5 @@
-"""The experiment scripts: compare.py end to end on a tiny random policy, ablate.py's variants and summary."""
+"""The experiment scripts: compare.py end to end on a tiny random policy, ablate.py's variants and summary, and
+bench_sampler.py's profile breakdown."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from sfpo_jax.train import load_config, read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import ablate  # noqa: E402
+import bench_sampler  # noqa: E402
 import compare  # noqa: E402
 
 ARITH_TINY = ROOT / "experiments" / "configs" / "arith-tiny.yaml"
@@ -69,3 +71,28 @@ def test_ablation_summary_of_a_variant():
     assert ablate.switch_step(grpo_rows) is None
     assert ablate.summarize_variant({0: rows([0.1, 0.1])}, "eval/x/accuracy", target=0.5)["rollouts_to_target"] is None
 
+
+
+def test_bench_sampler_breakdown_attributes_decode_time_to_source_ops(tmp_path):
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from sfpo_jax.models import CausalLM, ModelConfig
+    from sfpo_jax.sampling import Sampler, SamplingConfig
+
+    vocab = 300
+    config = ModelConfig("qwen2", vocab_size=vocab, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=8, attention_bias=True, tie_word_embeddings=True,
+                         max_position_embeddings=64)
+    sampler = Sampler(CausalLM(config, rngs=nnx.Rngs(0)), prompt_buckets=(6,))
+    prompts = np.random.default_rng(0).integers(1, vocab, (8, 6)).astype(np.int32)
+    sampler.generate(prompts.tolist(), SamplingConfig(max_new_tokens=4), jax.random.key(0))
+    rows = bench_sampler.decode_breakdown(sampler, prompts, str(tmp_path / "trace"), new_tokens=4, top=50)
+    assert rows and all(ms >= 0 and n > 0 for ms, n, _ in rows)
+    assert [ms for ms, _, _ in rows] == sorted((ms for ms, _, _ in rows), reverse=True)
+    labels = [label for _, _, label in rows]
+    # Each layer's projections and the tied LM head (table-first: [vocab, batch]) are named by shape and source.
+    assert "f32[8,48]{1,0} dot_general" in labels  # gate and up, 2 per layer
+    assert dict((label, n) for _, n, label in rows)["f32[8,48]{1,0} dot_general"] == 4
+    assert any(label.startswith(f"f32[{vocab},8]") for label in labels)
