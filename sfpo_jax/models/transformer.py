@@ -124,6 +124,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     b, t, h, d = q.shape
     kvh = k.shape[1]
     if t == 1:
+        # A decode step: without the unit query axis both products are plain [G, D] @ [D, S] and [G, S] @ [S, D]
+        # matrix products per (row, kv head), which XLA:CPU runs on its fast dot kernels (with the axis, the score
+        # product fell back to a generic batched dot at ~3× the cost).
         q = q.reshape(b, kvh, h // kvh, d)
         scores = jnp.einsum("bkgd,bkds->bkgs", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
         scores = jnp.where(mask[:, None], scores, _MASK_VALUE)
