@@ -131,6 +131,36 @@ def test_cached_prefill_and_decode_match_full_forward(qwen2_path):
     assert not np.asarray(cache.mask)[:, ids.shape[1]:].any()
 
 
+def test_prefill_into_a_prompt_length_cache_then_extend_equals_prefill_into_the_full_cache(qwen2_path):
+    ids, mask = ragged_batch(seed=2, lengths=(5, 2, 4))
+    model = from_pretrained(qwen2_path, dtype=jnp.float32)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def prefill(state, ids, mask, last):
+        m = nnx.merge(graphdef, state)
+        direct = m(ids, attention_mask=mask, cache=m.init_cache(ids.shape[0], ids.shape[1] + 4))[1]
+        extended = m(ids, attention_mask=mask, cache=m.init_cache(*ids.shape))[1].extend(ids.shape[1] + 4)
+        # The next step's logits read the whole cache, unwritten slots included.
+        return [m(last, cache=c)[0] for c in (direct, extended)], direct, extended
+
+    (logits_direct, logits_extended), direct, extended = prefill(state, jnp.asarray(ids), jnp.asarray(mask),
+                                                                 jnp.ones((ids.shape[0], 1), jnp.int32))
+    assert jax.tree.map(jnp.shape, direct) == jax.tree.map(jnp.shape, extended)
+    for field in ("mask", "num_tokens", "index"):
+        np.testing.assert_array_equal(getattr(direct, field), getattr(extended, field))
+    # Keys and values agree on real slots (a padding query sees no key, so its softmax is uniform over however many
+    # slots there are: padding slots differ, and stay masked out).
+    real = np.asarray(direct.mask)[None, :, None, :]  # [1, B, 1, S]
+    np.testing.assert_allclose(np.where(real[..., None, :], direct.k, 0), np.where(real[..., None, :], extended.k, 0),
+                               atol=1e-6)
+    np.testing.assert_allclose(np.where(real[..., None], direct.v, 0), np.where(real[..., None], extended.v, 0),
+                               atol=1e-6)
+    np.testing.assert_allclose(logits_direct, logits_extended, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot shrink"):
+        extended.extend(ids.shape[1])
+
+
 def test_kv_cache_logical_axes_cover_every_field():
     config = ModelConfig("qwen2", vocab_size=16, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
                          num_kv_heads=1, head_dim=4, attention_bias=True)

@@ -50,6 +50,20 @@ class KVCache(NamedTuple):
     def max_length(self) -> int:
         return self.mask.shape[1]
 
+    def extend(self, max_length: int) -> KVCache:
+        """This cache with `max_length` slots per row; the added slots are empty (zero, masked out).
+
+        A prompt prefilled into a cache of its own length attends over its own columns only; extended
+        afterwards, the cache then holds the completion. Prefilling straight into the full-length cache gives the
+        same result, but its attention scores span every slot, `[B, heads, P, P + max_new_tokens]`, which for long
+        generations dwarfs the rest of the sampler's memory.
+        """
+        extra = max_length - self.max_length
+        if extra < 0:
+            raise ValueError(f"cannot shrink a cache of max_length={self.max_length} to {max_length}")
+        pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
+        return self._replace(k=pad(self.k, 4), v=pad(self.v, 3), mask=pad(self.mask, 1))
+
     @staticmethod
     def logical_axes() -> KVCache:
         """Logical axis names of each field, e.g. for `jax.tree.map(f, cache, KVCache.logical_axes())`

@@ -2,9 +2,10 @@
 
 A call to `Sampler.generate` left-pads the prompts to a bucketed length P and the batch to a bucketed size B, so a
 training run compiles one (prefill, decode) pair per (B, P, sampling settings), not one per batch. The prefill
-writes the first P-1 prompt columns into a fresh cache and returns only the cache (so no `[B, P, V]` logits are
-ever computed); the decode program, which receives the cache donated, starts by feeding the last prompt column
-(real for every row, since prompts are left-padded) and then feeds back each sampled token.
+writes the first P-1 prompt columns into a fresh cache of that length, extends it to the full cache length S and
+returns only the cache (so no `[B, P, V]` logits are ever computed); the decode program, which receives the cache
+donated, starts by feeding the last prompt column (real for every row, since prompts are left-padded) and then feeds
+back each sampled token.
 
 Sharding: with a `mesh`, params follow their logical axes (`sfpo_jax.parallel.param_shardings`), the batch is
 split over the axes of the `batch` rule (data, fsdp) and the cache's kv heads over `tensor`; the jitted programs
@@ -215,11 +216,13 @@ class Sampler:
         def prefill(state, ids, mask):
             self.num_traces += 1
             model = nnx.merge(graphdef, state)
-            cache = model.init_cache(ids.shape[0], s)
-            if ids.shape[1] == 0:
-                return cache
-            _, cache = model(ids, attention_mask=mask, cache=cache)  # logits unused: XLA drops the LM head
-            return cache
+            # Prefilled into a cache of the prompt's own length, then extended to S slots: the prompt's attention
+            # scores span its P - 1 columns, not all S slots (7.3 → 0.55 GB of temporaries for 8 prompts of 1k
+            # tokens and 8k new ones on a small model).
+            cache = model.init_cache(ids.shape[0], ids.shape[1])
+            if ids.shape[1] > 0:
+                _, cache = model(ids, attention_mask=mask, cache=cache)  # logits unused: XLA drops the LM head
+            return cache.extend(s)
 
         def decode(state, cache, last, key):
             self.num_traces += 1
