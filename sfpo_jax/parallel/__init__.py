@@ -9,6 +9,7 @@ from sfpo_jax.parallel.mesh import (
     param_shardings,
     shard_model,
     shard_state,
+    to_global,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "param_shardings",
     "shard_model",
     "shard_state",
+    "to_global",
 ]

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -79,6 +80,14 @@ def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules: Mapp
         used.update(keep)
         spec.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def to_global(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from every process's local rows (in process order), placed with `sharding`; on one process
+    simply `device_put`. Multi-host data feeding (the sampler's prompts, the learner's batch) goes through here."""
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, local)
 
 
 def _variable_sharding(var: nnx.Variable, mesh: Mesh, rules: Mapping | None) -> NamedSharding:

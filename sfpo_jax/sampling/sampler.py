@@ -33,7 +33,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sfpo_jax.models import KVCache
-from sfpo_jax.parallel import logical_sharding, param_shardings
+from sfpo_jax.parallel import logical_sharding, param_shardings, to_global
 from sfpo_jax.sampling.config import SamplingConfig
 from sfpo_jax.sampling.ops import sample_with_logprobs
 
@@ -247,11 +247,7 @@ class Sampler:
         return prog
 
     def _put(self, x: np.ndarray, sharding):
-        if sharding is None:
-            return jnp.asarray(x)
-        if jax.process_count() > 1:
-            return jax.make_array_from_process_local_data(sharding, x)
-        return jax.device_put(x, sharding)
+        return jnp.asarray(x) if sharding is None else to_global(x, sharding)
 
     def _get(self, x: jax.Array) -> np.ndarray:
         if jax.process_count() > 1:

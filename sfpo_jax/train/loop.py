@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from sfpo_jax.optim import calls_per_batch, sfpo_active
-from sfpo_jax.parallel import logical_sharding, make_mesh
+from sfpo_jax.parallel import logical_sharding, make_mesh, to_global
 from sfpo_jax.rl import grpo
 from sfpo_jax.sampling import Sampler, SamplingConfig
 from sfpo_jax.sampling.sampler import DEFAULT_PROMPT_BUCKETS, Rollout, concat_rollouts
@@ -348,13 +348,6 @@ def replicate_unplaced(tree, mesh):
         return to_global(np.asarray(x), replicated)
 
     return jax.tree.map(place, tree)
-
-
-def to_global(local: np.ndarray, sharding) -> jax.Array:
-    """A global array from every process's local rows (in process order), placed with ``sharding``."""
-    if jax.process_count() == 1:
-        return jax.device_put(local, sharding)
-    return jax.make_array_from_process_local_data(sharding, local)
 
 
 def all_hosts(local: np.ndarray) -> np.ndarray:
