@@ -51,11 +51,11 @@ def test_batch_indices_cover_each_epoch_once_and_are_pure():
 
 def test_overlong_training_prompts_are_dropped():
     problems = ["ab", "abcd", "abc", "abcdef"]
-    encode = lambda ps: [list(p) for p in ps]
-    assert within_prompt_length(problems, encode, 3) == ["ab", "abc"]
-    assert within_prompt_length(problems, encode, 6) == problems
+    prompts = [list(p) for p in problems]
+    assert within_prompt_length(problems, prompts, 3) == (["ab", "abc"], [list("ab"), list("abc")])
+    assert within_prompt_length(problems, prompts, 6) == (problems, prompts)
     with pytest.raises(ValueError, match="max_prompt_length=1"):
-        within_prompt_length(problems, encode, 1)
+        within_prompt_length(problems, prompts, 1)
 
 
 @pytest.mark.parametrize(("algo", "calls"), [("sfpo", (2 + 1) * 2), ("grpo", 2)])

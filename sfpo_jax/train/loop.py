@@ -122,16 +122,17 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
     def encode(problems):
         return [tokenizer.encode(task.render(p), add_special_tokens=False) for p in problems]
 
-    train_problems = within_prompt_length(train_problems, encode, r.max_prompt_length)
+    # Encoded once: the steps index into these prompts rather than re-tokenising their problems.
+    train_problems, train_prompts = within_prompt_length(train_problems, encode(train_problems), r.max_prompt_length)
 
     bar = tqdm(range(step0, cfg.run.steps), initial=step0, total=cfg.run.steps, desc=cfg.algo,
                disable=not (cfg.run.progress and is_main), dynamic_ncols=True)
     for step in bar:
         key = jax.random.fold_in(base_key, step)
-        problems = [train_problems[i] for i in batch_indices(len(train_problems), r.prompts_per_step, step,
-                                                             cfg.run.seed)]
+        indices = batch_indices(len(train_problems), r.prompts_per_step, step, cfg.run.seed)
         with timer("sample"):  # each process samples and scores its own share of the step's prompts
-            problems, prompts = host_share(problems, encode(problems), bucket)
+            problems, prompts = host_share([train_problems[i] for i in indices], [train_prompts[i] for i in indices],
+                                           bucket)
             rollout = generate_in_chunks(sampler, prompts, rollout_cfg, key, params, r.generation_batch_size)
         with timer("score"):
             answers = [p.answer for p in problems for _ in range(G)]
@@ -240,13 +241,13 @@ def reduce_call_metrics(calls: list[dict]) -> dict[str, float]:
     return out
 
 
-def within_prompt_length(problems: list, encode, max_prompt_length: int) -> list:
-    """The training problems whose rendered prompt has at most ``max_prompt_length`` tokens, in order (as verl's
-    ``data.filter_overlong_prompts`` keeps them); ValueError if none is left."""
-    kept = [p for p, ids in zip(problems, encode(problems), strict=True) if len(ids) <= max_prompt_length]
+def within_prompt_length(problems: list, prompts: list[list[int]], max_prompt_length: int) -> tuple[list, list]:
+    """``(problems, prompts)`` cut to the problems whose encoded prompt has at most ``max_prompt_length`` tokens,
+    in order (as verl's ``data.filter_overlong_prompts`` keeps them); ValueError if none is left."""
+    kept = [i for i, ids in enumerate(prompts) if len(ids) <= max_prompt_length]
     if not kept:
         raise ValueError(f"no training problem fits rollout.max_prompt_length={max_prompt_length} tokens")
-    return kept
+    return [problems[i] for i in kept], [prompts[i] for i in kept]
 
 
 def eval_sets_of(task, max_problems: int | None) -> dict[str, list]:
