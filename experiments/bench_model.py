@@ -2,8 +2,9 @@
 
 The bench model of ../shared/bench/README.md (Qwen2 architecture: hidden 512, intermediate 1408, 8 layers, 8 heads,
 2 key-value heads, vocab 32000, tied embeddings, rope θ 10000, RMSNorm ε 1e-6, every matrix ~ N(0, 0.05²),
-float32; ~39M parameters) is written once with `Qwen2ForCausalLM.save_pretrained` and loaded by both sides from
-those files. For each batch × length shape, each repeat times, interleaved: our forward (logits), PyTorch's
+float32; ~39M parameters) is written once into `--model-dir` by `bench_sampler.make_checkpoint` (PyTorch
+`save_pretrained`; the same files as the other benchmarks) and loaded by both sides from there. For each
+batch × length shape, each repeat times, interleaved: our forward (logits), PyTorch's
 forward (`inference_mode`), our forward+backward (next-token cross entropy, gradients of every parameter) and
 PyTorch's (PyTorch in a worker process, see `torch_peer.py`). Inputs are random ids with no padding. Reported:
 median tokens/s per side and the ratio ours / PyTorch.
@@ -24,29 +25,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_sampler import ARCH, make_checkpoint  # the one bench model, shared by the benchmarks
 from flax import nnx
 
 from sfpo_jax.models import from_pretrained
-
-BENCH_CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                    num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-6,
-                    max_position_embeddings=4096)
-
-
-def make_bench_checkpoint(path: str | Path, seed: int = 0) -> Path:
-    """Writes the bench model (random N(0, 0.05²) weights, float32) to `path` with PyTorch transformers."""
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**BENCH_CONFIG))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:  # matrices only: RMSNorm scales stay 1, biases 0
-                p.normal_(0.0, 0.05)
-    model.save_pretrained(path)
-    return Path(path)
 
 
 def _cross_entropy(logits, ids):
@@ -75,14 +57,15 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=["4x128", "8x256", "4x512"], help="batch x length")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--model-dir", type=Path,
+                        default=Path(os.environ.get("SFPO_BENCH_DIR", tempfile.gettempdir())) / "sfpo_bench_qwen2")
     args = parser.parse_args()
 
     import torch
     import transformers
     from torch_peer import TorchPeer
 
-    tmp = tempfile.TemporaryDirectory()
-    path = make_bench_checkpoint(tmp.name)
+    path = make_checkpoint(args.model_dir)
     graphdef, state = nnx.split(from_pretrained(path, dtype=jnp.float32))
     # PyTorch runs in a worker process: beside an initialised JAX backend it slows down severalfold.
     peer = TorchPeer(path)
@@ -97,7 +80,7 @@ def main():
     rng = np.random.default_rng(0)
     for shape in args.shapes:
         batch, length = (int(x) for x in shape.split("x"))
-        ids_np = rng.integers(0, BENCH_CONFIG["vocab_size"], (batch, length)).astype(np.int32)
+        ids_np = rng.integers(0, ARCH["vocab_size"], (batch, length)).astype(np.int32)
         ids = jnp.asarray(ids_np)
         runs = {
             ("forward", "ours"): lambda ids=ids: _timed(lambda: _jax_forward(graphdef, state, ids).block_until_ready()),
@@ -118,7 +101,6 @@ def main():
             print(f"| {batch} × {length} | {kind} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f} |", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     peer.close()
-    tmp.cleanup()
 
 
 if __name__ == "__main__":
