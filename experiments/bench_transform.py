@@ -24,10 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bench_sampler import ARCH  # the one bench model, shared by the benchmarks
 
 from sfpo_jax.optim import sfpo
 
-HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 512, 1408, 8, 8, 2, 64, 32000
+HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = (ARCH[k] for k in (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "vocab_size"))
+HEAD_DIM = HIDDEN // HEADS
 
 
 def bench_param_shapes() -> dict:
