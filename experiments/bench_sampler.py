@@ -10,6 +10,10 @@ plus our prefill / per-decode-step split.
 
     python experiments/bench_sampler.py [--repeats 5] [--peers transformers,tunix] [--profile /tmp/trace] [--breakdown]
 
+`--prefill-memory` prints, instead of W1, the compiled prefill's temporary memory for a long generation (8 prompts
+of 1024 tokens, 8192 new tokens, a small model): the sampler's prefill into a prompt-length cache, extended
+afterwards, against prefilling straight into the full-length cache.
+
 `--breakdown` profiles one decode call and prints where the step goes: the time of every executed XLA op, summed by
 the source operation it came from (the HLO `op_name`) and output shape. The profiler adds a fixed cost per op, so
 the shares are what to read, not the absolute times.
@@ -133,6 +137,34 @@ def decode_breakdown(sampler, prompts: np.ndarray, trace_dir: str, new_tokens: i
     return [(ms, count[row] / new_tokens, row) for row, ms in total.most_common(top)]
 
 
+def prefill_memory(batch: int = 8, prompt_len: int = 1024, new_tokens: int = 8192) -> dict[str, float]:
+    """GB of temporaries (`compiled.memory_analysis()`) of the sampler's prefill program against a prefill straight
+    into a cache of all `prompt_len + new_tokens` slots, on a small random model (2 layers, hidden 256, 8 heads)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sfpo_jax.models import CausalLM, ModelConfig
+    from sfpo_jax.sampling import Sampler
+
+    config = ModelConfig("qwen2", vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
+                         num_kv_heads=2, head_dim=32, attention_bias=True, max_position_embeddings=16384)
+    model = CausalLM(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    slots = prompt_len + new_tokens
+    ids, mask = jnp.ones((batch, prompt_len - 1), jnp.int32), jnp.ones((batch, prompt_len - 1), bool)
+
+    def full_length(state, ids, mask):
+        m = nnx.merge(graphdef, state)
+        return m(ids, attention_mask=mask, cache=m.init_cache(batch, slots))[1]
+
+    sampler = Sampler(model, prompt_buckets=(prompt_len,))
+    # The program pair `generate` would build; only its prefill is compiled here, which the decode spec does not enter.
+    prog = sampler._program(batch, prompt_len, slots, spec=None)
+    gb = lambda f: f.lower(state, ids, mask).compile().memory_analysis().temp_size_in_bytes / 1e9
+    return {"sampler_prefill_gb": gb(prog.prefill), "full_length_prefill_gb": gb(jax.jit(full_length))}
+
+
 def make_transformers(path: Path, prompts: np.ndarray):
     """transformers `generate` in a worker process (see `torch_peer.py`: PyTorch slows down beside JAX); the
     returned `run` waits for the worker and returns the seconds the call took there."""
@@ -207,7 +239,12 @@ def main():
                         default=Path(os.environ.get("SFPO_BENCH_DIR", tempfile.gettempdir())) / "sfpo_bench_qwen2")
     parser.add_argument("--profile", default=None, help="write a jax.profiler trace of one of our calls here")
     parser.add_argument("--breakdown", action="store_true", help="print where our decode step goes (profiled)")
+    parser.add_argument("--prefill-memory", action="store_true",
+                        help="instead of W1, the prefill's temporary memory for a long generation")
     args = parser.parse_args()
+    if args.prefill_memory:
+        print(json.dumps(prefill_memory()))
+        return
 
     path = make_checkpoint(args.model_dir)
     prompts = np.random.default_rng(0).integers(0, ARCH["vocab_size"], (BATCH, PROMPT_LEN)).astype(np.int32)

@@ -96,3 +96,9 @@ def test_bench_sampler_breakdown_attributes_decode_time_to_source_ops(tmp_path):
     assert "f32[8,48]{1,0} dot_general" in labels  # gate and up, 2 per layer
     assert dict((label, n) for _, n, label in rows)["f32[8,48]{1,0} dot_general"] == 4
     assert any(label.startswith(f"f32[{vocab},8]") for label in labels)
+
+
+def test_bench_sampler_prefill_memory_compares_the_two_prefills():
+    gb = bench_sampler.prefill_memory(batch=2, prompt_len=64, new_tokens=512)
+    # The sampler's prefill attends over its 63 prompt columns, the full-length one over all 576 slots.
+    assert 0 < gb["sampler_prefill_gb"] < gb["full_length_prefill_gb"] / 2
