@@ -1,4 +1,4 @@
-"""Loading the named datasets into ``(problem, answer)`` form, and rendering prompts."""
+"""Loading the named datasets into ``(problem, answer)`` form, and rendering prompts (``PROMPTS``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,21 @@ import datasets
 from sfpo_jax.data.specs import SPECS, DatasetFormatError, DatasetSpec
 
 DEFAULT_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+# The user message of each named prompt; ``{problem}`` is replaced by the problem text as loaded (verbatim).
+PROMPTS: dict[str, str] = {
+    # The official SFPO user message, for training and every evaluation set: make_prefix() of
+    # Code/SFPO/examples/data_preprocess/{dapo_math,lighteval_math,test_*}.py, trailing space included.
+    "sfpo": (
+        "Please solve the following math problem: {problem}. The assistant first thinks about the reasoning process "
+        "step by step and then provides the user with the answer. Return the final answer in \\boxed{} tags, for "
+        "example \\boxed{1}. Let's solve this step by step. "
+    ),
+    # verl's usual math instruction (its gsm8k / MATH examples), this library's default.
+    "boxed": "{problem} " + DEFAULT_INSTRUCTION,
+    # The problem alone.
+    "plain": "{problem}",
+}
 _LOCAL_FORMATS = (("parquet", "parquet"), ("jsonl", "json"), ("json", "json"))
 
 
@@ -93,16 +108,18 @@ def load(name: str, split: str | None = None, data_dir: str | os.PathLike | None
     """Loads dataset ``name`` (see ``SPECS``) as a ``datasets.Dataset`` with ``problem`` and ``answer`` columns.
 
     Args:
-      name: a key of ``SPECS`` (``"gsm8k"``, ``"math"``, ``"math500"``, ``"dapo_math_17k"``, ``"aime24"``,
-        ``"aime25"``, ``"amc23"``, ``"minerva_math"``, ``"olympiadbench"``).
+      name: a key of ``SPECS``: the official training sets ``"dapo_math_17k"``, ``"math"``; the official evaluation
+        sets ``"math500"``, ``"aime24"``, ``"matharena_aime25"``, ``"aimo_amc"``, ``"minerva_math"``,
+        ``"olympiadbench"``; others (``"dapo_math_17k_raw"``, ``"gsm8k"``, ``"aime25"``, ``"amc23"``).
       split: an upstream split; default ``"train"`` where there is one, else the only split.
       data_dir: None loads from the Hugging Face hub. Otherwise local files in the upstream schema:
         ``<data_dir>/<name>/<split>.parquet`` (or ``.jsonl`` / ``.json``, or shards ``<split>-*.parquet``),
         e.g. ``data/gsm8k/test.parquet`` as downloaded from the hub.
 
     Returns:
-      Columns ``problem`` (str), ``answer`` (str, gradeable by ``sfpo_jax.rewards.math_reward``), ``index``
-      (row of the upstream split) and the spec's ``keep`` columns.
+      Every upstream row, in order (see :func:`deduplicate`). Columns ``problem`` (str, verbatim), ``answer``
+      (str, gradeable by ``sfpo_jax.rewards.math_reward``), ``index`` (row of the upstream split) and the spec's
+      ``keep`` columns.
     """
     spec = get_spec(name)
     split = split or spec.default_split
@@ -116,24 +133,54 @@ def load(name: str, split: str | None = None, data_dir: str | os.PathLike | None
     return to_problems(raw, spec, split)
 
 
+def prompt_template(prompt: str) -> str:
+    """The user-message template of ``prompt``: a name in ``PROMPTS`` or a template containing ``{problem}``."""
+    if prompt in PROMPTS:
+        return PROMPTS[prompt]
+    if "{problem}" not in prompt:
+        raise ValueError(
+            f"prompt must be one of {sorted(PROMPTS)} or a template containing '{{problem}}', got {prompt!r}"
+        )
+    return prompt
+
+
+def user_message(problem: str, prompt: str = "boxed") -> str:
+    """The user message for ``problem``: the template of ``prompt`` with ``{problem}`` replaced by it, verbatim."""
+    return prompt_template(prompt).replace("{problem}", problem)
+
+
 def render_prompt(
     problem: str,
     tokenizer: Any = None,
     *,
-    instruction: str | None = DEFAULT_INSTRUCTION,
+    prompt: str = "boxed",
     chat_template: bool = True,
     system: str | None = None,
 ) -> str:
-    """The prompt text for ``problem``: ``"{problem} {instruction}"``, wrapped in the tokenizer's chat template.
+    """The prompt text for ``problem``: its user message (see ``PROMPTS``) wrapped in the tokenizer's chat template.
 
-    The chat template is used when ``chat_template`` is True and ``tokenizer`` has one (with the generation
-    prompt appended, so the model continues as the assistant); otherwise the plain text is returned (base models).
-    ``system`` adds a system message under a chat template and is prepended as a paragraph otherwise.
+    The chat template is used when ``chat_template`` is True and ``tokenizer`` has one, as a single user turn with
+    the generation prompt appended (verl's ``RLHFDataset``: ``apply_chat_template(chat, add_generation_prompt=True,
+    tokenize=False)``), so the model continues as the assistant; otherwise the plain user message is returned (base
+    models without a template). ``system`` adds a system message under a chat template and is prepended as a
+    paragraph otherwise.
     """
-    content = problem.strip() if not instruction else f"{problem.strip()} {instruction}"
+    content = user_message(problem, prompt)
     if chat_template and tokenizer is not None and getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": content}]
         if system:
             messages.insert(0, {"role": "system", "content": system})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return f"{system}\n\n{content}" if system else content
+
+
+def deduplicate(ds: datasets.Dataset) -> datasets.Dataset:
+    """``ds`` without the rows whose problem text (whitespace-stripped) repeats an earlier row's; order kept."""
+    seen: set[str] = set()
+    keep = []
+    for i, problem in enumerate(ds["problem"]):
+        key = problem.strip()
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return ds if len(keep) == len(ds) else ds.select(keep)

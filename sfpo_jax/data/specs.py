@@ -1,22 +1,37 @@
 """Named specs of the paper's math datasets: where each lives upstream and how its rows map to problem / answer.
 
-| name          | repo id (config): splits                        | problem           | answer → gradeable answer     |
-|---------------|-------------------------------------------------|-------------------|-------------------------------|
-| gsm8k         | openai/gsm8k (main): train, test                | question          | after ``####``, commas removed |
-| math          | DigitalLearningGmbH/MATH-lighteval: train, test | problem           | last ``\\boxed{}`` of solution |
-| math500       | HuggingFaceH4/MATH-500: test                    | problem           | answer                        |
-| dapo_math_17k | BytedTsinghua-SIA/DAPO-Math-17k: train          | prompt.0.content* | reward_model.ground_truth     |
-| aime24        | HuggingFaceH4/aime_2024: train                  | problem           | answer                        |
-| aime25        | math-ai/aime25: test                            | problem           | answer                        |
-| amc23         | math-ai/amc23: test                             | question          | answer (``27.0`` → ``27``)    |
-| minerva_math  | math-ai/minervamath: test                       | question          | answer                        |
-| olympiadbench | math-ai/olympiadbench: test                     | question          | final_answer[0] without ``$`` |
+The official SFPO data scripts (``Code/SFPO/examples/data_preprocess/*.py`` of github.com/Urheen/SFPO) fix the
+sources and the answer extraction; the specs follow them. Training:
 
-(*) DAPO's own "Solve … Answer: $Answer" wrapper is removed; it would contradict the boxed-answer instruction.
-MATH answers are brace-matched (a regex breaks on ``\\boxed{\\frac{1}{2}}``).
+| name              | repo id: splits                            | problem           | answer → gradeable answer      |
+|-------------------|--------------------------------------------|-------------------|--------------------------------|
+| dapo_math_17k     | haizhongzheng/DAPO-Math-17K-cleaned: train | prompt            | target                         |
+| math              | xDAN2099/lighteval-MATH: train, test       | problem           | verl's last box of solution    |
+| dapo_math_17k_raw | BytedTsinghua-SIA/DAPO-Math-17k: train     | prompt.0.content* | reward_model.ground_truth      |
+| gsm8k             | openai/gsm8k (main): train, test           | question          | after ``####``, commas removed |
 
-The evaluation sets and their mirrors are the ones the SFPO / verl evaluation scripts load. Each spec's ``keep``
-lists upstream columns carried through unchanged (e.g. MATH's ``level`` and ``type``).
+Evaluation (the official ``test_*.py`` scripts):
+
+| name             | repo id: splits                     | problem  | answer → gradeable answer         |
+|------------------|-------------------------------------|----------|-----------------------------------|
+| math500          | HuggingFaceH4/MATH-500: test        | problem  | answer                            |
+| aime24           | HuggingFaceH4/aime_2024: train      | problem  | answer                            |
+| matharena_aime25 | MathArena/aime_2025: train          | problem  | answer (an integer)               |
+| aimo_amc         | AI-MO/aimo-validation-amc: train    | problem  | answer (``142.0`` → ``142``), 83  |
+| minerva_math     | math-ai/minervamath: test           | question | answer                            |
+| olympiadbench    | math-ai/olympiadbench: test         | question | final_answer[0] without ``$``     |
+| aime25           | math-ai/aime25: test                | problem  | answer (not the official AIME 25) |
+| amc23            | math-ai/amc23: test                 | question | answer, 40 (not the official AMC) |
+
+``dapo_math_17k`` is the de-duplicated, unwrapped DAPO set that ``dapo_math.py`` loads; ``dapo_math_17k_raw`` is
+the original upload, which repeats each of its ~17k prompts about 100 times inside DAPO's own "Solve ... Answer:
+$Answer" wrapper (*: removed here, as it contradicts a boxed-answer prompt). ``math`` takes the ground truth as
+``lighteval_math.py`` does, with verl's ``remove_boxed(last_boxed_only_string(solution))``
+(:func:`sfpo_jax.rewards.extract.verl_boxed`); a solution it finds no box in is an error, as it is there.
+
+Problems are kept verbatim (only checked to be non-empty text): the official prompt inserts them unchanged.
+Answers are stripped. Each spec's ``keep`` lists upstream columns carried through unchanged (e.g. MATH's
+``level`` and ``type``).
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from sfpo_jax.rewards.extract import last_boxed
+from sfpo_jax.rewards.extract import last_boxed, verl_boxed
 
 
 class DatasetFormatError(ValueError):
@@ -50,6 +65,16 @@ def _text(value: Any) -> str:
     return value.strip()
 
 
+def problem_text(value: Any) -> str:
+    """A problem statement: non-empty text, returned verbatim (whitespace included, as the official prompt uses it)."""
+    if not isinstance(value, str):
+        got = repr(value) if value is None else type(value).__name__
+        raise ValueError(f"expected text, got {got}")
+    if not value.strip():
+        raise ValueError("empty text")
+    return value
+
+
 def gsm8k_answer(solution: Any) -> str:
     """``"... #### 1,234"`` → ``"1234"``."""
     text = _text(solution)
@@ -69,6 +94,14 @@ def boxed_answer(solution: Any) -> str:
     return answer.strip()
 
 
+def verl_boxed_answer(solution: Any) -> str:
+    """The ground truth ``lighteval_math.py`` takes from a MATH solution: verl's last box (:func:`verl_boxed`)."""
+    answer = verl_boxed(_text(solution))
+    if answer is None or not answer.strip():
+        raise ValueError("no \\boxed{...} that verl's last_boxed_only_string / remove_boxed accept in the solution")
+    return answer.strip()
+
+
 def first_answer(value: Any) -> str:
     """OlympiadBench's ``final_answer`` list → its first entry with ``$`` delimiters removed."""
     if isinstance(value, str) or not hasattr(value, "__len__") or len(value) == 0:
@@ -85,7 +118,7 @@ _DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".
 
 def dapo_problem(content: Any) -> str:
     """DAPO's user message → the bare problem (its own answer-format instruction would fight the boxed one)."""
-    return _text(_text(content).removeprefix(_DAPO_PREFIX).removesuffix(_DAPO_SUFFIX))
+    return problem_text(problem_text(content).removeprefix(_DAPO_PREFIX).removesuffix(_DAPO_SUFFIX))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +141,7 @@ class DatasetSpec:
     splits: tuple[str, ...]
     problem_field: str
     answer_field: str
-    problem_fn: Callable[[Any], str] = _text
+    problem_fn: Callable[[Any], str] = problem_text
     answer_fn: Callable[[Any], str] = _text
     keep: tuple[str, ...] = ()
 
@@ -121,22 +154,20 @@ class DatasetSpec:
 SPECS: dict[str, DatasetSpec] = {
     s.name: s
     for s in (
-        DatasetSpec("gsm8k", "openai/gsm8k", "main", ("train", "test"), "question", "answer", answer_fn=gsm8k_answer),
+        # Training sets of the official runs (dapo_math.py, lighteval_math.py).
+        DatasetSpec("dapo_math_17k", "haizhongzheng/DAPO-Math-17K-cleaned", None, ("train",), "prompt", "target"),
         DatasetSpec(
             "math",
-            "DigitalLearningGmbH/MATH-lighteval",
-            "default",
+            "xDAN2099/lighteval-MATH",
+            None,
             ("train", "test"),
             "problem",
             "solution",
-            answer_fn=boxed_answer,
+            answer_fn=verl_boxed_answer,
             keep=("level", "type"),
         ),
         DatasetSpec(
-            "math500", "HuggingFaceH4/MATH-500", None, ("test",), "problem", "answer", keep=("level", "subject")
-        ),
-        DatasetSpec(
-            "dapo_math_17k",
+            "dapo_math_17k_raw",
             "BytedTsinghua-SIA/DAPO-Math-17k",
             None,
             ("train",),
@@ -144,9 +175,14 @@ SPECS: dict[str, DatasetSpec] = {
             "reward_model.ground_truth",
             problem_fn=dapo_problem,
         ),
+        DatasetSpec("gsm8k", "openai/gsm8k", "main", ("train", "test"), "question", "answer", answer_fn=gsm8k_answer),
+        # Evaluation sets of the official runs (test_*.py).
+        DatasetSpec(
+            "math500", "HuggingFaceH4/MATH-500", None, ("test",), "problem", "answer", keep=("level", "subject")
+        ),
         DatasetSpec("aime24", "HuggingFaceH4/aime_2024", None, ("train",), "problem", "answer"),
-        DatasetSpec("aime25", "math-ai/aime25", None, ("test",), "problem", "answer"),
-        DatasetSpec("amc23", "math-ai/amc23", None, ("test",), "question", "answer"),
+        DatasetSpec("matharena_aime25", "MathArena/aime_2025", None, ("train",), "problem", "answer"),
+        DatasetSpec("aimo_amc", "AI-MO/aimo-validation-amc", None, ("train",), "problem", "answer"),
         DatasetSpec("minerva_math", "math-ai/minervamath", None, ("test",), "question", "answer"),
         DatasetSpec(
             "olympiadbench",
@@ -157,5 +193,8 @@ SPECS: dict[str, DatasetSpec] = {
             "final_answer",
             answer_fn=first_answer,
         ),
+        # Other mirrors of AIME 2025 and AMC (not the official evaluation's).
+        DatasetSpec("aime25", "math-ai/aime25", None, ("test",), "problem", "answer"),
+        DatasetSpec("amc23", "math-ai/amc23", None, ("test",), "question", "answer"),
     )
 }
