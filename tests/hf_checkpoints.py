@@ -91,14 +91,22 @@ def make_checkpoint(tmp_path, arch: str = "qwen2", *, seed: int = 0, std: float 
     return path
 
 
-def torch_logits(path, input_ids, attention_mask, dtype: str = "float32"):
+def torch_logits(path, input_ids, attention_mask, dtype: str = "float32", **kwargs):
     """Logits `[B, T, V] float32 numpy` of the transformers model at `path` with positions `cumsum(mask) - 1`
-    (transformers does not derive positions from the mask by itself)."""
-    import numpy as np
+    (transformers does not derive positions from the mask by itself); `kwargs` go to `from_pretrained` (e.g.
+    `gguf_file=`)."""
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
+    return torch_model_logits(model, input_ids, attention_mask)
+
+
+def torch_model_logits(model, input_ids, attention_mask):
+    """`torch_logits` for an already loaded transformers model."""
+    import numpy as np
+    import torch
+
     model.eval()
     ids = torch.tensor(np.asarray(input_ids), dtype=torch.long)
     mask = torch.tensor(np.asarray(attention_mask), dtype=torch.long)

@@ -75,10 +75,15 @@ def _ignorable(name: str, config: ModelConfig) -> bool:
 
 
 def read_config(path: str | Path) -> ModelConfig:
-    """The `ModelConfig` of a checkpoint folder, through `transformers.AutoConfig`."""
+    """The `ModelConfig` of a checkpoint folder, through `transformers.AutoConfig`, or of a `.gguf` file (from its
+    metadata, see `sfpo_jax.models.gguf`)."""
     import transformers
 
     path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from sfpo_jax.models.gguf import read_gguf_config
+
+        return read_gguf_config(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: not a Hugging Face checkpoint folder")
@@ -121,7 +126,8 @@ def _weight_map(path: Path) -> dict[str, Path]:
 
 def from_pretrained(path: str | Path, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None,
                     rules: Mapping | None = None, compute_dtype=None, remat: bool = False) -> CausalLM:
-    """Loads a local Hugging Face checkpoint folder into a `CausalLM`.
+    """Loads a local Hugging Face checkpoint folder, or a Llama / Qwen2 / Qwen3 `.gguf` file (dequantized to `dtype`,
+    see `sfpo_jax.models.gguf.load_gguf`), into a `CausalLM`.
 
     The model is built abstractly (`nnx.eval_shape`), then every tensor is read, converted to `dtype` and put on
     its device(s) one at a time: with `mesh`, directly with its target sharding from the logical axes and
@@ -139,6 +145,10 @@ def from_pretrained(path: str | Path, *, dtype=jnp.bfloat16, mesh: jax.sharding.
     from sfpo_jax.parallel import param_shardings
 
     path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from sfpo_jax.models.gguf import load_gguf
+
+        return load_gguf(path, dtype=dtype, mesh=mesh, rules=rules, compute_dtype=compute_dtype, remat=remat)
     config = read_config(path)
     abstract = nnx.eval_shape(
         lambda: CausalLM(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(0), remat=remat))
@@ -227,7 +237,12 @@ def save_pretrained(model: CausalLM, path: str | Path, *, tokenizer=None, max_sh
 
 
 def load_tokenizer(path: str | Path):
-    """The checkpoint's `transformers.AutoTokenizer` (fast when available), with its chat template."""
+    """The checkpoint's `transformers.AutoTokenizer` (fast when available), with its chat template; for a `.gguf`
+    file, the one its metadata describes (`sfpo_jax.models.gguf.load_gguf_tokenizer`)."""
     import transformers
 
+    if Path(path).suffix.lower() == ".gguf":
+        from sfpo_jax.models.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     return transformers.AutoTokenizer.from_pretrained(Path(path))
