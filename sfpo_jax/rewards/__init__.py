@@ -1,7 +1,7 @@
 """Verifiable rewards: time-bounded math grading (math-verify in worker processes), format reward, combination."""
 
 from sfpo_jax.rewards.combine import RewardFn, combine_rewards, format_reward
-from sfpo_jax.rewards.extract import has_boxed, last_boxed
+from sfpo_jax.rewards.extract import has_boxed, last_boxed, verl_boxed
 from sfpo_jax.rewards.math import (
     STATUS_NAMES,
     GradeResult,
@@ -23,4 +23,5 @@ __all__ = [
     "last_boxed",
     "math_reward",
     "paper_reward",
+    "verl_boxed",
 ]
