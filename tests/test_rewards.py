@@ -1,5 +1,9 @@
 """Math grading: equivalence classes, safety against hostile completions, time bounds, threads, reward shaping."""
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -14,7 +18,7 @@ from sfpo_jax.rewards import (
     math_reward,
     paper_reward,
 )
-from sfpo_jax.rewards.math import NO_ANSWER, OK, TIMEOUT, TOO_LONG
+from sfpo_jax.rewards.math import DEADLINE, EMPTY, NO_ANSWER, OK, TIMEOUT, TOO_LONG
 
 HOSTILE_TIMEOUT = 1.0
 
@@ -89,7 +93,7 @@ def test_last_box_wins_and_no_box_is_zero(grader):
     completions = [r"\boxed{1} then \boxed{2}", r"\boxed{2} then \boxed{1}", "the answer is 2", r"\boxed{}"]
     result = grader.grade(completions, ["2", "2", "2", "2"])
     np.testing.assert_array_equal(result.correct, [True, False, False, False])
-    np.testing.assert_array_equal(result.status, [OK, OK, NO_ANSWER, NO_ANSWER])
+    np.testing.assert_array_equal(result.status, [OK, OK, NO_ANSWER, EMPTY])
 
 
 def test_last_boxed_brace_matching():
@@ -202,6 +206,16 @@ def test_paper_reward(grader):
     np.testing.assert_allclose(scores, [1.0, 0.1, 0.0])
 
 
+def test_paper_reward_extracts_as_the_official_code(grader):
+    # Official (verl latex_math.py): an empty box is a wrong boxed answer (0.1); \fbox is no answer (0.0);
+    # "\boxed 5" takes the text up to "$"; an unbalanced last box is no answer even after a balanced one.
+    completions = [r"\boxed{}", r"\boxed{ }", r"\fbox{5}", r"$\boxed 5$", r"\boxed{5} \boxed{6", r"\boxed{5}"]
+    scores = paper_reward(completions, ["5"] * len(completions), grader=grader)
+    np.testing.assert_allclose(scores, [0.1, 0.1, 0.0, 1.0, 0.0, 1.0])
+    # math_reward keeps its lenient extraction: \fbox and the earlier balanced box count.
+    np.testing.assert_array_equal(math_reward(completions, ["5"] * len(completions), grader=grader), [0, 0, 1, 1, 1, 1])
+
+
 def test_format_reward():
     scores = format_reward([r"\boxed{5}", r"\boxed{5} or \boxed{6}", r"\boxed{}", "5", r"\boxed{5"])
     np.testing.assert_array_equal(scores, [1.0, 0.0, 0.0, 0.0, 0.0])
@@ -229,8 +243,8 @@ def test_argument_checks_and_close():
         MathGrader(num_workers=0)
     with pytest.raises(ValueError, match="timeout"):
         MathGrader(timeout=0)
-    with pytest.raises(ValueError, match="start_method"):
-        MathGrader(start_method="fork")
+    with pytest.raises(ValueError, match="batch_timeout"):
+        MathGrader(batch_timeout=0)
     g = MathGrader(num_workers=1)
     with pytest.raises(ValueError, match="length"):
         g.grade(["a"], [])
@@ -240,3 +254,65 @@ def test_argument_checks_and_close():
     g.close()
     with pytest.raises(RuntimeError, match="closed"):
         g.grade([r"\boxed{1}"], ["1"])
+
+
+def test_batch_deadline_bounds_a_hostile_batch():
+    # Six items that hang far longer than the batch deadline: without it this batch took 3 x 10 s per worker.
+    batch_timeout = 2.0
+    hang = HOSTILE["tower"]
+    items = [r"\boxed{1}", *[hang] * 6, r"\boxed{}", "no box"]
+    with MathGrader(num_workers=2, timeout=10.0, batch_timeout=batch_timeout) as g:
+        g.start()
+        start = time.monotonic()
+        scores = math_reward(items, ["1"] * len(items), grader=g)  # the trainer's call; counts in last_result
+        elapsed = time.monotonic() - start
+        result = g.last_result
+        assert elapsed < batch_timeout + 4.0, f"took {elapsed:.2f}s"
+        np.testing.assert_array_equal(scores, [1, 0, 0, 0, 0, 0, 0, 0, 0])
+        np.testing.assert_array_equal(result.status, [OK, *[DEADLINE] * 6, EMPTY, NO_ANSWER])
+        metrics = result.metrics()
+        assert metrics["deadline"] == 6 and metrics["timed_out"] == 6 and result.timed_out == 6
+        assert metrics["timeouts"] == 0 and g.stats["deadline"] == 6
+        # Boxed answers not graded in time keep the paper reward's 0.1 format credit.
+        np.testing.assert_allclose(result.paper_rewards(), [1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0])
+        # The workers caught mid-item were replaced: the next batch is graded normally.
+        np.testing.assert_array_equal(math_reward([r"\boxed{2}", r"\boxed{3}"], ["2", "2"], grader=g), [1, 0])
+        assert g.last_result.metrics()["timed_out"] == 0
+
+
+def test_math_reward_from_a_plain_script(tmp_path):
+    # No `if __name__ == "__main__":` guard: multiprocessing's spawn re-imported (and re-ran) this in every worker.
+    script = tmp_path / "plain_script.py"
+    script.write_text(
+        textwrap.dedent(
+            r"""
+            from sfpo_jax.rewards import default_grader, math_reward, paper_reward
+
+            completions = [r"\boxed{\frac{1}{2}}", r"\boxed{3}", "no box", r"\boxed{}"]
+            answers = ["0.5", "4", "1", "1"]
+            print("math", math_reward(completions, answers).tolist())
+            print("paper", [round(float(x), 3) for x in paper_reward(completions, answers)])
+            print("graded", default_grader().last_result.metrics()["graded"])
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "math [1.0, 0.0, 0.0, 0.0]"
+    assert lines[1] == "paper [1.0, 0.1, 0.0, 0.1]"
+    assert lines[2] == "graded 4"
+
+
+def test_worker_start_up_failure_names_its_cause(monkeypatch):
+    with MathGrader(num_workers=1, max_memory_mb=40) as g:
+        with pytest.raises(RuntimeError, match=r"MemoryError.*max_memory_mb=40"):
+            g.start()
+    # Workers get the caller's sys.path: without math-verify's folder on it, the error says the module is missing.
+    import math_verify
+
+    home = os.path.dirname(os.path.dirname(os.path.abspath(math_verify.__file__)))
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p or ".") != home])
+    with MathGrader(num_workers=1) as g:
+        with pytest.raises(RuntimeError, match="No module named 'math_verify'"):
+            g.grade([r"\boxed{1}"], ["1"])

@@ -5,38 +5,50 @@ ever (``\\boxed{9^{9^{9^{9}}}}``) or eat all memory. Its own timeouts use ``sign
 the main thread, so they are switched off here (``parsing_timeout=None``, ``timeout_seconds=None``) and every
 item instead runs in a persistent worker process with a deadline: a worker that misses it is killed and
 replaced, the item scores 0 and is counted as a timeout. This works from any thread and grades a batch in
-parallel over the workers.
+parallel over the workers. A whole batch also has a deadline (``batch_timeout``): items still ungraded when it
+passes score 0 and are counted (status ``deadline``), so a batch of hanging items costs one deadline, not one
+item timeout each.
 
-Safety: model text is never executed. Only the content of the completion's last balanced ``\\boxed{}`` reaches
-a worker, and it is parsed with math-verify's LaTeX extraction only (ANTLR grammar → sympy objects). The
-expression extractor, which hands digits-and-operators strings to sympy's ``parse_expr`` (an ``eval``), is used
-for the trusted gold answers alone. Workers also run under an address-space limit so a runaway big-integer
-computation fails with MemoryError instead of taking the machine down.
+The workers are plain ``python -P .../rewards/_worker.py`` subprocesses talking over pipes, not
+``multiprocessing`` children: the ``spawn``/``forkserver`` start methods re-import the caller's ``__main__``,
+which breaks scripts without an ``if __name__ == "__main__":`` guard and code typed into a REPL. They import
+neither the caller's code nor JAX; they see the caller's ``sys.path``.
+
+Safety: model text is never executed. Only the extracted boxed answer reaches a worker, and it is parsed with
+math-verify's LaTeX extraction only (ANTLR grammar → sympy objects). The expression extractor, which hands
+digits-and-operators strings to sympy's ``parse_expr`` (an ``eval``), is used for the trusted gold answers
+alone. Workers also run under an address-space limit so a runaway big-integer computation fails with
+MemoryError instead of taking the machine down.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
-import logging
-import multiprocessing as mp
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
-from sfpo_jax.rewards.extract import last_boxed
+from sfpo_jax.rewards.extract import last_boxed, verl_boxed
 
 # Item outcomes, as int8 codes in GradeResult.status.
 OK = 0  # graded (correct or not)
-NO_ANSWER = 1  # no balanced \boxed{} in the completion: scored 0 without a worker round trip
-TOO_LONG = 2  # boxed answer longer than max_answer_chars: scored 0 without a worker round trip
-TIMEOUT = 3  # the worker missed its deadline and was replaced
+NO_ANSWER = 1  # no boxed answer in the completion: scored 0 without a worker round trip
+TOO_LONG = 2  # boxed answer longer than max_answer_chars: scored as wrong without a worker round trip
+TIMEOUT = 3  # the worker missed the item's deadline and was replaced
 ERROR = 4  # the worker raised (including MemoryError) or died
-STATUS_NAMES = ("ok", "no_answer", "too_long", "timeout", "error")
+EMPTY = 5  # boxed answer empty or blank (``\boxed{}``): scored as wrong without a worker round trip
+DEADLINE = 6  # not graded before the batch deadline: scored as wrong
+STATUS_NAMES = ("ok", "no_answer", "too_long", "timeout", "error", "empty", "deadline")
+
+_WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_worker.py")
 
 
 def _clean(text) -> str:
@@ -51,118 +63,129 @@ def _clean(text) -> str:
     return text
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Worker side: runs in a spawned process, imports math-verify once.
-
-
-def _grade_one(gold: str, pred: str) -> bool:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-    gold_parsed = parse("\\boxed{" + gold + "}", [LatexExtractionConfig()], parsing_timeout=None)
-    if not gold_parsed:
-        gold_parsed = parse(gold, [LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=None)
-    if not gold_parsed:
-        return False
-    pred_parsed = parse(
-        "\\boxed{" + pred + "}",
-        [LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False)],
-        parsing_timeout=None,
-    )
-    if not pred_parsed:
-        return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
-
-
-def _worker_main(conn: Connection, max_memory_mb: int) -> None:
-    if max_memory_mb > 0:
-        try:
-            import resource
-
-            limit = max_memory_mb * 1024 * 1024
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        except (ImportError, ValueError, OSError):  # not on this platform: the deadline still bounds time
-            pass
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    import math_verify  # noqa: F401  (import once, before announcing readiness, so deadlines exclude it)
-
-    conn.send(("ready",))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        gold, pred = msg
-        try:
-            conn.send(("ok", _grade_one(gold, pred)))
-        except Exception:  # MemoryError, RecursionError, sympy internals: the item scores 0
-            conn.send(("error", False))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Parent side.
-
-
 @dataclasses.dataclass(frozen=True)
 class GradeResult:
     """Per-item outcome of a batch.
 
     Attributes:
       correct: ``[N] bool``, True where the boxed answer is equivalent to the gold answer.
-      status: ``[N] int8``, one of OK, NO_ANSWER, TOO_LONG, TIMEOUT, ERROR (names in STATUS_NAMES).
+      status: ``[N] int8``, one of OK, NO_ANSWER, TOO_LONG, TIMEOUT, ERROR, EMPTY, DEADLINE (names in
+        STATUS_NAMES).
+      elapsed: wall-clock seconds the ``grade`` call took.
     """
 
     correct: np.ndarray
     status: np.ndarray
+    elapsed: float = 0.0
 
     @property
     def has_answer(self) -> np.ndarray:
-        """``[N] bool``: the completion has a balanced ``\\boxed{}`` (the paper's 0.1 format credit)."""
+        """``[N] bool``: the completion has a boxed answer, possibly empty (the paper's 0.1 format credit)."""
         return self.status != NO_ANSWER
 
+    @property
+    def timed_out(self) -> int:
+        """Items not graded in time: per-item timeouts plus those cut off by the batch deadline."""
+        return int(((self.status == TIMEOUT) | (self.status == DEADLINE)).sum())
+
+    def math_rewards(self) -> np.ndarray:
+        """``[N] float32``: 1.0 correct, else 0.0 (``math_reward``)."""
+        return self.correct.astype(np.float32)
+
+    def paper_rewards(self) -> np.ndarray:
+        """``[N] float32``: 1.0 correct, 0.1 boxed but not correct (or not graded in time), 0.0 no box."""
+        return np.where(self.correct, 1.0, np.where(self.has_answer, 0.1, 0.0)).astype(np.float32)
+
     def metrics(self) -> dict[str, int]:
-        """Counts per status plus ``correct`` and ``graded`` (items), for logging."""
+        """Counts per status (``timeouts``, ``errors``, ``deadline``, ...), ``timed_out`` (timeouts + deadline),
+        ``correct`` and ``graded`` (items), for logging."""
         out = {name: int((self.status == code).sum()) for code, name in enumerate(STATUS_NAMES)}
         out["timeouts"] = out.pop("timeout")
         out["errors"] = out.pop("error")
+        out["timed_out"] = out["timeouts"] + out["deadline"]
         out["correct"] = int(self.correct.sum())
         out["graded"] = len(self.status)
         return out
 
 
 class _Worker:
-    def __init__(self, ctx, max_memory_mb: int):
-        parent, child = ctx.Pipe(duplex=True)
-        self.conn = parent
-        self.proc = ctx.Process(target=_worker_main, args=(child, max_memory_mb), daemon=True)
-        self.proc.start()
-        child.close()
+    """One ``python -P _worker.py`` subprocess; ``conn`` receives from it (and is what ``wait`` watches)."""
+
+    def __init__(self, max_memory_mb: int):
+        if not sys.executable:
+            raise RuntimeError("cannot start grading workers: sys.executable is empty (an embedded interpreter?)")
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-P", _WORKER_SCRIPT], stdin=to_child_r, stdout=from_child_w, close_fds=True
+            )
+        except BaseException:
+            os.close(to_child_w)
+            os.close(from_child_r)
+            raise
+        finally:
+            os.close(to_child_r)
+            os.close(from_child_w)
+        self.conn = Connection(from_child_r, writable=False)
+        self.tx = Connection(to_child_w, readable=False)
         self.ready = False
         self.item: int | None = None
         self.deadline = 0.0
+        try:
+            self.tx.send({"sys_path": list(sys.path), "max_memory_mb": max_memory_mb})
+        except OSError:  # it died at once: the start-up check reports how
+            pass
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def how_it_ended(self) -> str:
+        try:
+            code = self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            return "closed its pipe but is still running"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            hint = " (the kernel's out-of-memory killer sends SIGKILL)" if -code == signal.SIGKILL else ""
+            return f"was killed by {name}{hint}"
+        return f"exited with code {code}"
 
     def kill(self) -> None:
-        if self.proc.is_alive():
+        if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.join(timeout=5)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
         self.conn.close()
+        self.tx.close()
 
 
 class MathGrader:
     """A reusable pool of grading workers.
 
-    Workers start lazily on the first call (a spawned Python importing sympy takes about a second) and stay
+    Workers start lazily on the first call (a fresh Python importing sympy takes about a second) and stay
     up until ``close()``; use ``with MathGrader() as g:`` or the module-level default (closed at exit).
-    Calls are serialised by a lock, so one grader can be shared by threads.
+    Calls are serialised by a lock, so one grader can be shared by threads. Works from scripts with or without
+    a ``__main__`` guard, notebooks and the REPL.
 
     Args:
       num_workers: worker processes; default ``min(8, os.cpu_count())``.
       timeout: per-item deadline in seconds, counted from the moment a ready worker receives the item.
-      max_answer_chars: boxed answers longer than this score 0 without being parsed.
+      batch_timeout: deadline in seconds for the grading of a whole ``grade`` call, counted once the call has
+        the workers (after the linear-time answer extraction, and after any other thread's call); items not
+        graded by then get status DEADLINE (not correct) and in-flight workers are replaced. None: no deadline.
+      max_answer_chars: boxed answers longer than this are not parsed (scored as wrong).
       max_memory_mb: address-space limit of each worker (0 disables it).
-      start_method: multiprocessing start method; "spawn" or "forkserver" (never "fork": the parent may hold
-        JAX/XLA threads, and forking a threaded process is unsafe).
+
+    Attributes:
+      stats: cumulative ``GradeResult.metrics()`` counts over every call.
+      last_result: the GradeResult of the latest call (None before the first), e.g. for a trainer to log
+        ``last_result.metrics()["timed_out"]`` after calling ``math_reward``/``paper_reward``.
     """
 
     def __init__(
@@ -170,9 +193,9 @@ class MathGrader:
         num_workers: int | None = None,
         *,
         timeout: float = 5.0,
+        batch_timeout: float | None = 60.0,
         max_answer_chars: int = 1000,
         max_memory_mb: int = 2048,
-        start_method: str = "spawn",
     ):
         if num_workers is None:
             num_workers = max(1, min(8, os.cpu_count() or 1))
@@ -180,22 +203,22 @@ class MathGrader:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if batch_timeout is not None and not batch_timeout > 0:
+            raise ValueError(f"batch_timeout must be > 0 seconds or None, got {batch_timeout}")
         if max_answer_chars < 1:
             raise ValueError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
         if max_memory_mb < 0:
             raise ValueError(f"max_memory_mb must be >= 0, got {max_memory_mb}")
-        if start_method not in ("spawn", "forkserver"):
-            raise ValueError(f"start_method must be 'spawn' or 'forkserver', got {start_method!r}")
         self.num_workers = num_workers
         self.timeout = float(timeout)
+        self.batch_timeout = None if batch_timeout is None else float(batch_timeout)
         self.max_answer_chars = max_answer_chars
         self.max_memory_mb = max_memory_mb
-        self._ctx = mp.get_context(start_method)
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self._closed = False
-        # Cumulative counts over every call, for a trainer that logs them.
-        self.stats: dict[str, int] = dict.fromkeys((*STATUS_NAMES[:3], "timeouts", "errors", "correct", "graded"), 0)
+        self.stats: dict[str, int] = dict.fromkeys(GradeResult(np.zeros(0, bool), np.zeros(0, np.int8)).metrics(), 0)
+        self.last_result: GradeResult | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def __enter__(self) -> MathGrader:
@@ -211,12 +234,15 @@ class MathGrader:
             for w in self._workers:
                 if w.ready and w.item is None:  # an idle worker exits cleanly; any other is killed
                     try:
-                        w.conn.send(None)
+                        w.tx.send(None)
                     except OSError:
                         pass
             for w in self._workers:
                 if w.ready and w.item is None:
-                    w.proc.join(timeout=1)
+                    try:
+                        w.proc.wait(timeout=1)
+                    except subprocess.TimeoutExpired:
+                        pass
                 w.kill()
             self._workers = []
 
@@ -224,12 +250,13 @@ class MathGrader:
         """Starts the workers now and waits until they are ready (otherwise the first ``grade`` call does it).
 
         Raises:
-          RuntimeError: a worker exits during start-up, or is not ready within ``timeout`` seconds.
+          RuntimeError: a worker fails during start-up (the message says why), or is not ready within
+            ``timeout`` seconds.
         """
         with self._lock:
             self._ensure_workers()
             deadline = time.monotonic() + timeout
-            for w in self._workers:
+            for w in list(self._workers):
                 if w.ready:
                     continue
                 if not w.conn.poll(max(0.0, deadline - time.monotonic())):
@@ -238,54 +265,85 @@ class MathGrader:
         return self
 
     def _receive_ready(self, w: _Worker) -> None:
+        """Reads a starting worker's first message; raises with the reason when it failed to start."""
         try:
-            w.conn.recv()
-        except (EOFError, OSError) as e:  # died while importing: retrying would loop for ever
+            msg = w.conn.recv()
+        except (EOFError, OSError):
+            msg = None
+        if msg is not None and msg[0] == "ready":
+            w.ready = True
+            return
+        # Retrying would fail the same way for ever: drop the worker and say why.
+        self._workers.remove(w)
+        if msg is None:
+            w.kill()
             raise RuntimeError(
-                f"a grading worker exited during start-up (exit code {w.proc.exitcode}); "
-                f"max_memory_mb={self.max_memory_mb} may be too small"
-            ) from e
-        w.ready = True
+                f"a grading worker {w.how_it_ended()} during start-up, before reporting an error "
+                f"(its stderr, above, may say more; {sys.executable} -P {_WORKER_SCRIPT})"
+            )
+        w.kill()
+        tb = str(msg[1])
+        cause = tb.strip().splitlines()[-1] if tb.strip() else "unknown error"
+        hint = ""
+        if "MemoryError" in cause:
+            hint = f"; max_memory_mb={self.max_memory_mb} is too small to import math-verify (raise it; 0: no limit)"
+        raise RuntimeError(f"a grading worker failed to start: {cause}{hint}\n\nworker traceback:\n{tb}")
 
     def _ensure_workers(self) -> None:
         if self._closed:
             raise RuntimeError("MathGrader is closed")
-        for w in [w for w in self._workers if not w.proc.is_alive()]:
+        for w in [w for w in self._workers if not w.alive()]:
             w.kill()
             self._workers.remove(w)
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self._ctx, self.max_memory_mb))
+            self._workers.append(_Worker(self.max_memory_mb))
 
     # -- grading ----------------------------------------------------------------------------------------------
-    def grade(self, completions: Sequence[str], answers: Sequence[str]) -> GradeResult:
+    def grade(
+        self,
+        completions: Sequence[str],
+        answers: Sequence[str],
+        *,
+        extract: Callable[[str], str | None] | None = None,
+    ) -> GradeResult:
         """Grades ``completions[i]`` against the gold ``answers[i]``.
 
-        Returns within about ``timeout`` seconds per item per worker, whatever the input.
+        ``extract`` maps a completion to its answer (None: no answer); default :func:`last_boxed`, and
+        :func:`verl_boxed` gives the official SFPO extraction. Extraction is linear in the text's length; the
+        grading then takes at most about ``batch_timeout`` seconds, and each item at most about ``timeout``.
         """
         if len(completions) != len(answers):
             raise ValueError(f"completions and answers differ in length: {len(completions)} != {len(answers)}")
+        t0 = time.monotonic()
         n = len(completions)
         correct = np.zeros(n, dtype=bool)
         status = np.full(n, OK, dtype=np.int8)
         jobs: list[tuple[int, str, str]] = []
         for i, (c, a) in enumerate(zip(completions, answers, strict=True)):
-            boxed = last_boxed(_clean(c), limit=self.max_answer_chars)
-            if boxed is None or not boxed.strip():
+            text = _clean(c)
+            boxed = last_boxed(text, limit=self.max_answer_chars) if extract is None else extract(text)
+            if boxed is None:
                 status[i] = NO_ANSWER
+            elif not boxed.strip():
+                status[i] = EMPTY
             elif len(boxed) > self.max_answer_chars:
                 status[i] = TOO_LONG
             else:
                 jobs.append((i, _clean(a), boxed))
         if jobs:
             with self._lock:
-                self._run(jobs, correct, status)
-        result = GradeResult(correct=correct, status=status)
+                deadline = None if self.batch_timeout is None else time.monotonic() + self.batch_timeout
+                self._run(jobs, correct, status, deadline)
+        result = GradeResult(correct=correct, status=status, elapsed=time.monotonic() - t0)
         with self._lock:
             for k, v in result.metrics().items():
                 self.stats[k] += v
+            self.last_result = result
         return result
 
-    def _run(self, jobs: list[tuple[int, str, str]], correct: np.ndarray, status: np.ndarray) -> None:
+    def _run(
+        self, jobs: list[tuple[int, str, str]], correct: np.ndarray, status: np.ndarray, deadline: float | None
+    ) -> None:
         self._ensure_workers()
         pending = list(reversed(jobs))
         busy: dict[Connection, _Worker] = {}
@@ -297,7 +355,7 @@ class MathGrader:
                 w = idle.pop()
                 i, gold, pred = pending.pop()
                 try:
-                    w.conn.send((gold, pred))
+                    w.tx.send((gold, pred))
                 except OSError:
                     pending.append((i, gold, pred))
                     replace(w)
@@ -308,40 +366,59 @@ class MathGrader:
         def replace(w: _Worker) -> None:
             w.kill()
             self._workers.remove(w)
-            fresh = _Worker(self._ctx, self.max_memory_mb)
+            fresh = _Worker(self.max_memory_mb)
             self._workers.append(fresh)
             starting[fresh.conn] = fresh
 
-        while pending or busy:
-            dispatch()
-            now = time.monotonic()
-            wait_for = min((w.deadline for w in busy.values()), default=now + 1.0) - now
-            ready = wait([*busy, *starting], timeout=max(0.0, wait_for))
-            for conn in ready:
-                if conn in starting:
-                    w = starting.pop(conn)
-                    self._receive_ready(w)
+        finished = False
+        try:
+            while pending or busy:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                dispatch()
+                wake = min((w.deadline for w in busy.values()), default=now + 1.0)
+                if deadline is not None:
+                    wake = min(wake, deadline)
+                ready = wait([*busy, *starting], timeout=max(0.0, wake - now))
+                for conn in ready:
+                    if conn in starting:
+                        w = starting.pop(conn)
+                        self._receive_ready(w)
+                        idle.append(w)
+                        continue
+                    w = busy.pop(conn)
+                    try:
+                        kind, value = conn.recv()
+                    except (EOFError, OSError):  # the worker died (e.g. killed by the OS): the item scores 0
+                        status[w.item] = ERROR
+                        replace(w)
+                        continue
+                    if kind == "ok":
+                        correct[w.item] = value
+                    else:
+                        status[w.item] = ERROR
+                    w.item = None
                     idle.append(w)
-                    continue
-                w = busy.pop(conn)
-                try:
-                    kind, value = conn.recv()
-                except (EOFError, OSError):  # the worker died (e.g. killed by the OS): the item scores 0
-                    status[w.item] = ERROR
-                    replace(w)
-                    continue
-                if kind == "ok":
-                    correct[w.item] = value
+                now = time.monotonic()
+                for conn, w in list(busy.items()):
+                    if now >= w.deadline:
+                        del busy[conn]
+                        status[w.item] = TIMEOUT
+                        replace(w)
+            finished = True
+        finally:
+            # The batch deadline passed (or an exception, e.g. KeyboardInterrupt, is on its way): what is not
+            # graded scores 0 as DEADLINE, and in-flight workers are killed so that none answers a later call.
+            for i, _, _ in pending:
+                status[i] = DEADLINE
+            for w in list(busy.values()):
+                status[w.item] = DEADLINE
+                if finished:
+                    replace(w)  # the replacement starts in the background, ready for the next call
                 else:
-                    status[w.item] = ERROR
-                w.item = None
-                idle.append(w)
-            now = time.monotonic()
-            for conn, w in list(busy.items()):
-                if now >= w.deadline:
-                    del busy[conn]
-                    status[w.item] = TIMEOUT
-                    replace(w)
+                    w.kill()
+                    self._workers.remove(w)
 
 
 _DEFAULT: MathGrader | None = None
@@ -364,17 +441,22 @@ def math_reward(
     """``[N] float32``: 1.0 where the last ``\\boxed{}`` of a completion is equivalent to its gold answer, else 0.
 
     Extra keyword arguments (prompts, ...) are accepted and ignored, as TRL-style reward functions receive them.
-    Timeouts score 0 and are counted in ``grader.stats``.
+    Timeouts and items cut off by the batch deadline score 0; the call's GradeResult (counts in
+    ``.metrics()``) is ``grader.last_result`` (``default_grader().last_result`` without ``grader``).
     """
     del kwargs
-    result = (grader or default_grader()).grade(completions, answers)
-    return result.correct.astype(np.float32)
+    return (grader or default_grader()).grade(completions, answers).math_rewards()
 
 
 def paper_reward(
     completions: Sequence[str], answers: Sequence[str], *, grader: MathGrader | None = None, **kwargs
 ) -> np.ndarray:
-    """``[N] float32``: the official SFPO reward: 1.0 correct boxed answer, 0.1 wrong boxed answer, 0.0 none."""
+    """``[N] float32``: the official SFPO reward: 1.0 correct boxed answer, 0.1 other boxed answer, 0.0 none.
+
+    The answer is extracted as the official code does (:func:`verl_boxed`: ``\\boxed{}`` is a wrong answer,
+    worth 0.1; ``\\fbox{3}`` is no answer). A boxed answer not graded in time (item timeout, batch deadline)
+    keeps its 0.1, as the official reward gives 0.1 when math-verify's own timeout fires. The call's
+    GradeResult is ``grader.last_result``.
+    """
     del kwargs
-    result = (grader or default_grader()).grade(completions, answers)
-    return np.where(result.correct, 1.0, np.where(result.has_answer, 0.1, 0.0)).astype(np.float32)
+    return (grader or default_grader()).grade(completions, answers, extract=verl_boxed).paper_rewards()
