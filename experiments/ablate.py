@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from compare import command_line, run_all
 
+from sfpo_jax.analysis.summary import eval_curve, find_eval_key, mean_curve, plot_ablation
 from sfpo_jax.train.config import ConfigError, load_config
 from sfpo_jax.train.metrics import read_metrics
-from sfpo_jax.train.summary import eval_curve, find_eval_key, mean_curve, plot_ablation
 
 
 def variants(ks, alphas, alpha) -> dict[str, list[str]]:

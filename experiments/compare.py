@@ -20,9 +20,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from sfpo_jax.analysis.summary import plot_curves, render_markdown, summarize
 from sfpo_jax.train.config import ConfigError, load_config
 from sfpo_jax.train.metrics import read_metrics
-from sfpo_jax.train.summary import plot_curves, render_markdown, summarize
 
 HERE = Path(__file__).resolve().parent
 ALGOS = ("grpo", "sfpo")

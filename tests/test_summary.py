@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from sfpo_jax.train.summary import eval_curve, plot_ablation, plot_curves, render_markdown, summarize
+from sfpo_jax.analysis.summary import eval_curve, plot_ablation, plot_curves, render_markdown, summarize
 
 KEY = "eval/test/accuracy"
 
