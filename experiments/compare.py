@@ -4,7 +4,9 @@
 
 Runs ``train.py`` for both algorithms and every seed (in parallel processes when cores allow; finished runs
 are reused, interrupted ones resumed), then writes ``OUT/summary.json``, ``OUT/summary.md`` and PNG plots of
-accuracy against rollouts and against wall-clock, and prints the summary table.
+accuracy against rollouts and against wall-clock (seed-mean curves with bootstrap 95% bands), and prints the summary
+table (rollouts and wall-clock ratios with bootstrap 95% intervals over seeds; see ``sfpo_jax.analysis.summary``)
+and the paths of everything it wrote.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: one per core)")
     p.add_argument("--algos", nargs="+", choices=ALGOS, default=list(ALGOS))
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of the 95%% intervals (0: none)")
     p.add_argument("overrides", nargs="*", help="section.field=value applied to every run")
     args = p.parse_args(argv)
     try:
@@ -120,15 +123,19 @@ def main(argv=None) -> int:
     elapsed = run_all(jobs, cfg, config=args.config, out=out, workers=args.workers)
 
     runs = {a: {s: read_metrics(run_dir(out, a, s) / "metrics.jsonl") for s in args.seeds} for a in args.algos}
-    summary = summarize(runs)
+    plots = plot_curves(runs, out, resamples=min(args.resamples, 2_000))
+    if set(args.algos) != set(ALGOS):  # the summary compares the two; one algorithm alone gets its curves
+        print(f"plots: {', '.join(str(p) for p in plots)}  (no summary: it needs both --algos)")
+        return 0
+    summary = summarize(runs, resamples=args.resamples)
     summary["command"] = command_line(argv)
     summary["elapsed_seconds"] = elapsed
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     table = render_markdown(summary)
     (out / "summary.md").write_text(table + "\n")
-    plots = plot_curves(runs, out)
     print(table)
-    print(f"\nplots: {', '.join(str(p) for p in plots)}\nsummary: {out / 'summary.json'}  ({elapsed / 60:.1f} min)")
+    print(f"plots: {', '.join(str(p) for p in plots)}\nsummary: {out / 'summary.md'}, {out / 'summary.json'}  "
+          f"({elapsed / 60:.1f} min)")
     return 0
 
 
