@@ -4,6 +4,7 @@ from sfpo_jax.rl import grpo
 from sfpo_jax.rl.grpo import (
     AGGREGATIONS,
     KL_ESTIMATORS,
+    LossConfig,
     aggregate,
     group_advantages,
     kl_estimate,
@@ -14,6 +15,7 @@ from sfpo_jax.rl.grpo import (
 __all__ = [
     "AGGREGATIONS",
     "KL_ESTIMATORS",
+    "LossConfig",
     "aggregate",
     "group_advantages",
     "grpo",

@@ -23,9 +23,10 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,8 @@ import jax.numpy as jnp
 Array = jax.Array
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# A learner-level aggregation (see `LossConfig.agg`): `aggregate` itself never sees it.
+MICRO_BATCH_TOKEN_MEAN = "micro-batch-token-mean"
 # verl's spellings are accepted as aliases of Schulman's names.
 KL_ESTIMATORS = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
 
@@ -64,6 +67,51 @@ def _check_finite_number(name: str, value: Any, *, low: float | None = None, hig
 def _check_shape(name: str, x: Array, shape: tuple[int, ...]) -> None:
     if x.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The GRPO objective as a learner uses it: the settings of `group_advantages` and `policy_loss`.
+
+    The one home of these settings and their defaults (verl's / the official SFPO runs'); a run config's
+    ``loss`` section is this class, and the learner's jitted update is built from it alone. Checked here, at
+    construction, with a `ValueError` naming the field.
+
+    Attributes:
+      clip_low, clip_high, dual_clip: the ratio clip ε_low, ε_high and the optional dual clip c (`policy_loss`).
+      agg: one of `AGGREGATIONS` (`aggregate`), or ``"micro-batch-token-mean"``: the official verl version's
+        token-mean under gradient accumulation, the *mean over micro-batches of each micro-batch's token mean*
+        (each token weighted by 1 / (its micro-batch's token count · number of micro-batches)). ``token-mean``
+        is the exact token mean over the whole mini-batch, independent of the micro-batch split; the two agree
+        when every micro-batch has as many tokens, or with one micro-batch.
+      entropy_coef: weight of the entropy bonus (verl's default 0.001).
+      kl_coef, kl_estimator: β and the estimator of the KL penalty to the reference policy (0: no KL).
+      scale_adv_by_std: GRPO's std-normalised advantages (False: Dr. GRPO's mean-centred ones).
+    """
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+                 "micro-batch-token-mean"] = "token-mean"
+    entropy_coef: float = 0.001
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    scale_adv_by_std: bool = True
+
+    def __post_init__(self):
+        _check_finite_number("clip_low", self.clip_low, low=0.0, high=1.0)
+        _check_finite_number("clip_high", self.clip_high, low=0.0)
+        if self.dual_clip is not None:
+            _check_finite_number("dual_clip", self.dual_clip, low=1.0, low_inclusive=False)
+        if self.agg not in (*AGGREGATIONS, MICRO_BATCH_TOKEN_MEAN):
+            raise ValueError(f"agg must be one of {(*AGGREGATIONS, MICRO_BATCH_TOKEN_MEAN)}, got {self.agg!r}")
+        _check_finite_number("entropy_coef", self.entropy_coef)
+        _check_finite_number("kl_coef", self.kl_coef, low=0.0)
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if not isinstance(self.scale_adv_by_std, bool):
+            raise ValueError(f"scale_adv_by_std must be a bool, got {self.scale_adv_by_std!r}")
 
 
 # ----------------------------------------------------------------------------------------------- advantages
@@ -303,17 +351,8 @@ def policy_loss(
         entropy: token-mean entropy (only when `entropy` is given);
         kl: agg of the KL estimate to the reference (only when `ref_logp` is given).
     """
-    _check_finite_number("clip_low", clip_low, low=0.0, high=1.0)
-    _check_finite_number("clip_high", clip_high, low=0.0)
-    if dual_clip is not None:
-        _check_finite_number("dual_clip", dual_clip, low=1.0, low_inclusive=False)
-    _check_agg(agg, loss_norm)
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {kl_estimator!r}")
-    if ref_logp is None and not _is_zero(kl_coef):
-        raise ValueError(f"kl_coef={kl_coef!r} needs ref_logp, got ref_logp=None")
-    if entropy is None and not _is_zero(entropy_coef):
-        raise ValueError(f"entropy_coef={entropy_coef!r} needs entropy, got entropy=None")
+    _check_policy_loss_args(clip_low, clip_high, dual_clip, agg, loss_norm, kl_estimator, ref_logp, kl_coef, entropy,
+                             entropy_coef)
 
     m = jnp.asarray(mask).astype(bool)
     if m.ndim != 2:
@@ -359,7 +398,31 @@ def policy_loss(
             loss = loss - entropy_coef * aggregate(entropy, m, **agg_kw)
         metrics["entropy"] = aggregate(entropy, m, "token-mean")
 
-    # Diagnostics over the local real tokens.
+    metrics.update(loss=loss, pg_loss=pg_loss,
+                   **_ratio_diagnostics(m, adv, ratio, log_ratio, clip_low, clip_high,
+                                        dual_active if dual_clip is not None else None))
+    return loss, jax.lax.stop_gradient(metrics)
+
+
+def _check_policy_loss_args(clip_low, clip_high, dual_clip, agg, loss_norm, kl_estimator, ref_logp, kl_coef, entropy,
+                            entropy_coef) -> None:
+    _check_finite_number("clip_low", clip_low, low=0.0, high=1.0)
+    _check_finite_number("clip_high", clip_high, low=0.0)
+    if dual_clip is not None:
+        _check_finite_number("dual_clip", dual_clip, low=1.0, low_inclusive=False)
+    _check_agg(agg, loss_norm)
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {kl_estimator!r}")
+    if ref_logp is None and not _is_zero(kl_coef):
+        raise ValueError(f"kl_coef={kl_coef!r} needs ref_logp, got ref_logp=None")
+    if entropy is None and not _is_zero(entropy_coef):
+        raise ValueError(f"entropy_coef={entropy_coef!r} needs entropy, got entropy=None")
+
+
+def _ratio_diagnostics(m: Array, adv: Array, ratio: Array, log_ratio: Array, clip_low: float, clip_high: float,
+                       dual_active: Array | None) -> dict[str, Array]:
+    """`policy_loss`'s clip fractions, KL estimates to the rollout policy and ratio statistics, over the local real
+    tokens (``dual_active``: the tokens whose loss the dual clip capped, or None without a dual clip)."""
     n = jnp.maximum(jnp.sum(m), 1).astype(ratio.dtype)
 
     def frac(active: Array) -> Array:
@@ -368,17 +431,14 @@ def policy_loss(
     clip_high_frac = frac((adv > 0) & (ratio > 1.0 + clip_high))
     clip_low_frac = frac((adv < 0) & (ratio < 1.0 - clip_low))
     any_real = jnp.any(m)
-    metrics.update(
-        loss=loss,
-        pg_loss=pg_loss,
+    return dict(
         clip_frac_high=clip_high_frac,
         clip_frac_low=clip_low_frac,
         clip_frac=clip_high_frac + clip_low_frac,
-        dual_clip_frac=frac(dual_active) if dual_clip is not None else jnp.zeros((), ratio.dtype),
+        dual_clip_frac=frac(dual_active) if dual_active is not None else jnp.zeros((), ratio.dtype),
         ppo_kl=jnp.sum(-log_ratio) / n,
         approx_kl=0.5 * jnp.sum(jnp.square(log_ratio)) / n,
         ratio_mean=jnp.where(any_real, jnp.sum(jnp.where(m, ratio, 0.0)) / n, 1.0),
         ratio_min=jnp.where(any_real, jnp.min(jnp.where(m, ratio, jnp.inf)), 1.0),
         ratio_max=jnp.where(any_real, jnp.max(jnp.where(m, ratio, -jnp.inf)), 1.0),
     )
-    return loss, jax.lax.stop_gradient(metrics)
