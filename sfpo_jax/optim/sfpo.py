@@ -37,9 +37,10 @@ class SFPOState(NamedTuple):
       active: bool scalar, whether SFPO is on; the entropy switch turns it off for good.
       slow_params: the slow point θ_s, a copy of the params with their shapes, dtypes and shardings; the only
         parameter-sized buffer. ``None`` when ``K = 0``, which keeps nothing.
-      entropy_history: float32 ``[W]`` ring buffer of the entropies recorded at each batch's last call
+      entropy_history: float32 ``[W]`` ring buffer of the entropies recorded at the end of each batch
         (``[0]`` when the switch is disabled or ``K = 0``).
       entropy_count: int32 scalar, entropies recorded so far (the ring buffer holds the last ``min(W, n)``).
+      entropy_sum: float32 scalar, the sum of the entropies passed so far in the current cycle's last epoch.
     """
 
     count: jax.Array
@@ -49,6 +50,7 @@ class SFPOState(NamedTuple):
     slow_params: optax.Params | None
     entropy_history: jax.Array
     entropy_count: jax.Array
+    entropy_sum: jax.Array
 
 
 def _check_args(num_fast_steps, alpha, num_minibatches, entropy_window, entropy_threshold, slow_correction) -> None:
@@ -126,9 +128,12 @@ def sfpo(
     nothing parameter-sized is stored. With donated buffers the overhead is about one copy of the params per
     cycle (W3 in BENCHMARKS.md).
 
-    **Switch to GRPO.** Pass the batch's mean token entropy as ``tx.update(..., entropy=h)``. The value given
-    at each batch's last call (index ``cycle_length − 1``) is recorded; values at other calls are ignored.
-    Once at least ``W = entropy_window`` values exist, the newest value ``H`` is scored against the last
+    **Switch to GRPO.** Pass each call's mini-batch mean token entropy as ``tx.update(..., entropy=h)`` (the
+    entropy of the policy being updated, on the mini-batch of that call). At the end of each batch the mean of
+    the values passed during its last epoch (its last ``M`` calls: the slow correction while active) is
+    recorded, the official signal (verl's ``actor/entropy_loss`` averaged over the slow epoch's mini-batches);
+    values passed at other calls are ignored. Once at least ``W = entropy_window`` values exist, the newest
+    recorded value ``H`` is scored against the last
     ``W`` recorded values, *including* ``H`` itself (as the official code does: it appends first, then
     scores ``H[-1]`` against ``H[-W:]``)::
 
@@ -195,6 +200,7 @@ def sfpo(
             slow_params=jax.tree.map(jnp.copy, params) if K > 0 else None,
             entropy_history=jnp.zeros([W], jnp.float32),
             entropy_count=jnp.zeros([], jnp.int32),
+            entropy_sum=jnp.zeros([], jnp.float32),
         )
 
     def update_fn(updates, state, params=None, *, entropy=None, **extra_args):
@@ -234,9 +240,12 @@ def sfpo(
 
         new_updates = jax.tree.map(reposition, updates, slow, params)
 
-        active, history, n = state.active, state.entropy_history, state.entropy_count
+        active, history, n, h_sum = state.active, state.entropy_history, state.entropy_count, state.entropy_sum
         if use_switch and entropy is not None:
-            h = jnp.asarray(entropy, jnp.float32).reshape(())
+            in_last_epoch = c >= state.cycle_length - M
+            h_sum = jnp.where(in_last_epoch, h_sum + jnp.asarray(entropy, jnp.float32).reshape(()), 0.0)
+            h = h_sum / M
+            h_sum = jnp.where(is_last, 0.0, h_sum)
             # A non-finite entropy is not recorded: it would poison the window for good.
             record = jnp.logical_and(is_last, jnp.isfinite(h))
             history = jnp.where(record, history.at[n % W].set(h), history)
@@ -255,6 +264,7 @@ def sfpo(
             slow_params=slow,
             entropy_history=history,
             entropy_count=n,
+            entropy_sum=h_sum.astype(jnp.float32),
         )
         return new_updates, new_state
 
