@@ -5,11 +5,11 @@ Workload: 2 prompts × 8 completions; prompts are 64 random token ids; 128 new t
 top-k/top-p and no early stop; rewards from a cheap Python function of the completion text (the fraction of even
 token numbers); one AdamW step (lr 1e-6, weight decay 0.01, grad-norm clip 1.0) on the whole batch of 16; no KL.
 
-Ours is driven exactly as `sfpo_jax.train.loop.train` drives it, from a `Config` built with
+Ours is the step function `sfpo_jax.train.loop.train` itself calls, `make_rl_step`, from a `Config` built with
 `load_config(None, overrides)`: `Sampler.generate` at the current params → rewards on `Rollout.texts` →
-`grpo.group_advantages` → `make_batch` + `device_put` on the batch sharding → `calls_per_batch(opt_state)` jitted
-`make_update_fn` calls (params and optimizer state donated), each followed by the host read of its metrics the loop
-does. GRPO makes one optimizer call per step; SFPO (K = 3, alpha 0.8) makes K+1 = 4 on the same batch.
+`grpo.group_advantages` → the learner batch on its sharding → `calls_per_batch(opt_state)` jitted update calls
+(params and optimizer state donated), each followed by the host read of its metrics. GRPO makes one optimizer call
+per step; SFPO (K = 3, alpha 0.8) makes K+1 = 4 on the same batch.
 
 The peer is TRL's `GRPOTrainer` (optional, not a dependency of this project: `pip install trl==1.16.0`; skipped
 with a note when absent) with `num_generations=8`, `per_device_train_batch_size=16`, `max_completion_length=128`,
@@ -29,6 +29,7 @@ phase as well for ours; ours runs before and after the peer, and the report give
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -71,22 +72,19 @@ def random_prompts(num: int, seed: int) -> list[list[int]]:
 
 
 class OursStep:
-    """One trainer step of `sfpo_jax.train.loop.train`, with its phases timed (the loop's own split)."""
+    """One step of our trainer: `sfpo_jax.train.make_rl_step`, the step function `train()` itself calls, with its
+    phases timed by its own `PhaseTimer`."""
 
     def __init__(self, path: Path, algo: str, tokenizer, model=None):
         import jax
         import jax.numpy as jnp
-        from flax import nnx
 
         from sfpo_jax.models import from_pretrained
-        from sfpo_jax.parallel import logical_sharding
-        from sfpo_jax.sampling import Sampler, SamplingConfig
-        from sfpo_jax.train import step as learner
-        from sfpo_jax.train.config import load_config
+        from sfpo_jax.train import PhaseTimer, load_config, make_rl_step
         from sfpo_jax.train.loop import mesh_from_config
 
-        self.cfg = cfg = load_config(None, [
-            f"algo={algo}", f"model.path={path}", "model.dtype=float32",
+        cfg = load_config(None, [
+            f"algo={algo}", f"model.path={path}", "model.param_dtype=float32",
             f"rollout.prompts_per_step={PROMPTS}", f"rollout.group_size={GROUP}",
             f"rollout.max_prompt_length={PROMPT_LEN}", f"rollout.max_new_tokens={NEW_TOKENS}",
             "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=0", "rollout.num_minibatches=1",
@@ -94,48 +92,27 @@ class OursStep:
         ])
         mesh = mesh_from_config(cfg)
         self.model = model if model is not None else from_pretrained(path, dtype=jnp.float32, mesh=mesh)
-        graphdef, params = nnx.split(self.model)
-        self.params = jax.tree.map(jnp.copy, params)  # the update donates its params: one private copy per algo
-        self.tx = learner.make_optimizer(cfg)
-        self.opt_state = self.tx.init(self.params)
-        self.sampler = Sampler(self.model, mesh=mesh, pad_token_id=tokenizer.pad_token_id)
-        r = cfg.rollout
-        self.rollout_cfg = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k,
-                                          top_p=r.top_p, eos_token_ids=(), num_samples=r.group_size)
-        num_micro = learner.micro_batches_per_minibatch(r.prompts_per_step * r.group_size // r.num_minibatches,
-                                                        r.micro_batch_size)
-        self.update = learner.make_update_fn(graphdef, self.tx, cfg, num_micro)
-        self.batch_sharding = logical_sharding(mesh, ("batch",))
-        self.base_key = jax.random.key(cfg.run.seed)
-        self.tokenizer, self.num_steps = tokenizer, 0
+        reward = lambda texts, answers: np.asarray([even_fraction(t) for t in texts], np.float32)
+        # The update donates its state: each algorithm gets a private copy of the shared model's params.
+        self.rl_step, state = make_rl_step(self.model, tokenizer, reward, cfg.optimizer(), cfg.rollout, cfg.loss,
+                                           mesh=mesh)
+        self.state = jax.tree.map(jnp.copy, state)
+        self.rl_step = dataclasses.replace(self.rl_step, sampling=dataclasses.replace(self.rl_step.sampling,
+                                                                                        eos_token_ids=()))
+        self.base_key, self.num_steps, self.timer = jax.random.key(cfg.run.seed), 0, PhaseTimer()
 
     def __call__(self, prompts: list[list[int]]) -> dict[str, float]:
         import jax
 
-        from sfpo_jax.optim import calls_per_batch
-        from sfpo_jax.rl import grpo
-        from sfpo_jax.train import step as learner
-
-        cfg, G, M = self.cfg, self.cfg.rollout.group_size, self.cfg.rollout.num_minibatches
         t0, c0 = time.perf_counter(), time.process_time()
         key = jax.random.fold_in(self.base_key, self.num_steps)
-        rollout = self.sampler.generate(prompts, self.rollout_cfg, key, params=self.params)
-        assert rollout.mask.all(), "no early stop: every completion has max_new_tokens tokens"
+        self.state, m = self.rl_step(self.state, prompts, [""] * len(prompts), key, timer=self.timer)
         t1 = time.perf_counter()
-        rewards = np.asarray([even_fraction(t) for t in rollout.texts(self.tokenizer)], np.float32)
-        advantages = np.asarray(grpo.group_advantages(rewards, G, scale_by_std=cfg.loss.scale_adv_by_std))
-        batch = jax.device_put(learner.make_batch(rollout, advantages), self.batch_sharding)
-        t2 = time.perf_counter()
-        minibatches = learner.split_minibatches(batch, M)
-        calls = calls_per_batch(self.opt_state)
-        for call in range(calls):
-            self.params, self.opt_state, m = self.update(self.params, self.opt_state, minibatches[call % M])
-            m = jax.device_get(m)  # the loop reads every call's metrics (non-finite check) before the next
-        t3 = time.perf_counter()
         self.num_steps += 1
-        assert np.isfinite(m["loss"])
-        return dict(step=t3 - t0, cpu=time.process_time() - c0, sample=t1 - t0, score=t2 - t1, update=t3 - t2,
-                    calls=calls)
+        assert m["response_length/mean"] == NEW_TOKENS, "no early stop: every completion has max_new_tokens tokens"
+        assert np.isfinite(m["train/loss"])
+        phases = {p: self.timer.last(p) for p in ("sample", "score", "update")}
+        return dict(step=t1 - t0, cpu=time.process_time() - c0, **phases, calls=m["optimizer_calls"])
 
 
 def bench_ours(steps: dict[str, OursStep], num_steps: int, seed: int) -> dict[str, list[dict]]:

@@ -3,6 +3,9 @@
     python experiments/train.py --config experiments/configs/arith-tiny.yaml --algo sfpo --seed 0 \
         --steps 40 --out runs/sfpo-0 [--resume] [--task module.path:factory] [section.field=value ...]
 
+``--task my_task:make`` imports ``my_task`` (from the current directory too) and runs its code: it sets
+``task.import_factory``. A config file may set that field as well, and is then code to be trusted as such.
+
 Writes ``OUT/metrics.jsonl``, ``OUT/config.yaml`` and ``OUT/checkpoints/``; ``--export DIR`` also writes the
 final policy as a Hugging Face checkpoint folder. On a TPU pod or GPU cluster, run the same command on every
 host: JAX's distributed runtime is initialised from the environment.
@@ -23,13 +26,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--out", help="run directory")
-    p.add_argument("--task", help="a Task factory as module.path:factory")
+    p.add_argument("--task", help="import a Task factory module.path:factory (runs that code)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
     p.add_argument("--export", help="write the final policy as a Hugging Face checkpoint folder here")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. sfpo.alpha=0.5")
     args = p.parse_args(argv)
     flags = {"algo": args.algo, "run.seed": args.seed, "run.steps": args.steps, "run.out": args.out,
-             "task.name": args.task}
+             "task.import_factory": args.task}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     return args, overrides
 

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sfpo_jax.optim import sfpo
-from sfpo_jax.train.checkpoint import Checkpointer
+from sfpo_jax.train.checkpointer import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ _SAVER = textwrap.dedent(
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
 
-    from sfpo_jax.train.checkpoint import Checkpointer
+    from sfpo_jax.train.checkpointer import Checkpointer
 
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
 

@@ -2,10 +2,13 @@
 
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sfpo_jax.data import load
+from sfpo_jax.optim import calls_per_batch
+from sfpo_jax.optim import sfpo as sfpo_transform
 from sfpo_jax.train.config import Config, ConfigError, load_config, save_config, to_dict
 from sfpo_jax.train.policy import task_from_config
 
@@ -19,9 +22,26 @@ def test_defaults_are_the_paper_settings():
     assert (cfg.loss.clip_low, cfg.loss.agg, cfg.loss.entropy_coef, cfg.loss.kl_coef) == (0.2, "token-mean", 1e-3, 0)
 
 
-def test_grpo_is_sfpo_with_no_fast_steps():
-    assert load_config(None, ["algo=grpo"]).num_fast_steps == 0
-    assert load_config(None, ["algo=sfpo", "sfpo.num_fast_steps=5"]).num_fast_steps == 5
+def test_grpo_is_sfpo_with_no_fast_steps_and_ignores_the_sfpo_section():
+    params = {"w": jnp.zeros(3)}
+    M = ["rollout.prompts_per_step=8", "rollout.num_minibatches=2"]
+    grpo = load_config(None, ["algo=grpo", "sfpo.num_fast_steps=5", "sfpo.slow_correction=false", *M])
+    assert calls_per_batch(grpo.optimizer().init(params)) == 2
+    sfpo = load_config(None, ["algo=sfpo", "sfpo.num_fast_steps=5", *M])
+    assert calls_per_batch(sfpo.optimizer().init(params)) == (5 + 1) * 2
+
+
+def test_sections_take_their_defaults_from_the_objects_they_configure():
+    import inspect
+
+    from sfpo_jax.sampling import SamplingConfig
+    from sfpo_jax.train.config import RolloutConfig, SFPOConfig
+
+    for name, param in inspect.signature(sfpo_transform).parameters.items():
+        if name != "num_minibatches":
+            assert getattr(SFPOConfig(), name) == param.default, name
+    for name in ("temperature", "top_p", "top_k"):
+        assert getattr(RolloutConfig(), name) == getattr(SamplingConfig(max_new_tokens=1), name)
 
 
 def test_yaml_and_overrides_round_trip(tmp_path):
@@ -38,14 +58,19 @@ def test_yaml_and_overrides_round_trip(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("sfpo.alpha=1.5", "sfpo.alpha: 1.5"),
-        ("sfpo.num_fast_steps=-1", "sfpo.num_fast_steps: -1"),
-        ("sfpo.entropy_window=1", "sfpo.entropy_window: 1"),
-        ("sfpo.entropy_threshold=.inf", "sfpo.entropy_threshold: inf"),
+        ("sfpo.alpha=1.5", "sfpo.alpha must be in [0, 1], got alpha=1.5"),
+        ("sfpo.num_fast_steps=-1", "sfpo.num_fast_steps must be an integer >= 0, got num_fast_steps=-1"),
+        ("sfpo.entropy_window=1", "sfpo.entropy_window must be None or an integer >= 2"),
+        ("sfpo.entropy_threshold=.inf", "sfpo.entropy_threshold must be a finite number"),
+        ("rollout.group_size=1", "rollout.group_size=1 must be >= 2"),
+        ("rollout.top_p=1.5", "rollout.top_p=1.5 must be in (0, 1]"),
+        ("eval.top_p=0", "eval.top_p=0.0 must be in (0, 1]"),
+        ("loss.clip_low=1.5", "loss.clip_low must be < 1.0, got 1.5"),
+        ("optim.learning_rate=0", "optim.learning_rate must be > 0"),
         ("sfpo.alpah=0.5", "unknown field(s) ['alpah'] in section 'sfpo'"),
         ("rollout.group_size=eight", "rollout.group_size: 'eight' (expected an integer)"),
         ("rollout.group_size=true", "rollout.group_size: True (expected an integer)"),
-        ("rollout.num_minibatches=3", "must divide rollout.prompts_per_step=256"),
+        ("rollout.num_minibatches=3", "rollout.num_minibatches=3 must divide prompts_per_step=256"),
         ("loss.agg=sum", "loss.agg: 'sum' (expected one of"),
         ("algo=ppo", "algo: 'ppo'"),
         ("nosuchsection.x=1", "unknown field(s) ['nosuchsection']"),
@@ -103,7 +128,7 @@ def test_paper_configs_have_the_paper_settings(stem):
     m = cfg.model
     assert (m.path, m.dtype, m.remat, cfg.task.kwargs["tokenizer"]) == (hub, "bfloat16", True, hub)
     s = cfg.sfpo
-    assert (cfg.num_fast_steps, s.alpha, s.entropy_window, s.entropy_threshold) == (3, alpha, 30, 1.0)
+    assert (cfg.sfpo.num_fast_steps, s.alpha, s.entropy_window, s.entropy_threshold) == (3, alpha, 30, 1.0)
     o = cfg.optim
     assert (o.learning_rate, o.b1, o.b2, o.weight_decay, o.max_grad_norm) == (1e-6, 0.9, 0.999, 0.01, 1.0)
     r = cfg.rollout

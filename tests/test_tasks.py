@@ -2,7 +2,6 @@
 the char tokenizer, and the math-dataset adapter."""
 
 import sys
-import textwrap
 from fractions import Fraction
 
 import numpy as np
@@ -18,6 +17,7 @@ from sfpo_jax.tasks import (
     TaskLike,
     char_tokenizer,
     evaluate_chain,
+    import_task,
     load_task,
     parse_expression,
     save_char_tokenizer,
@@ -144,44 +144,54 @@ def test_argument_checks():
         CountdownTask(format_credit=1.5)
 
 
-def test_load_task(tmp_path, monkeypatch):
-    assert isinstance(load_task("sfpo_jax.tasks:arithmetic", num_train=5, num_eval=5), ArithmeticTask)
+MY_TASK = """
+import numpy as np
+from sfpo_jax.tasks import Problem, Task
+
+class Parity(Task):
+    name = "parity"
+    def __init__(self, n): self.n = n
+    def train_problems(self): return [Problem(f"{i} odd?", "yes" if i % 2 else "no") for i in range(self.n)]
+    def eval_problems(self): return [Problem("7 odd?", "yes")]
+    def reward(self, completions, answers):
+        return np.array([c.strip() == a for c, a in zip(completions, answers)], np.float32)
+
+def make(n=4): return Parity(n)
+def not_a_task(): return object()
+VALUE = 3
+"""
+
+
+def test_load_task_builds_registered_tasks_only(tmp_path, monkeypatch):
+    assert isinstance(load_task("arithmetic", num_train=5, num_eval=5), ArithmeticTask)
     assert isinstance(load_task("countdown", num_train=5, num_eval=5), CountdownTask)
-    (tmp_path / "my_task.py").write_text(
-        textwrap.dedent(
-            """
-            import numpy as np
-            from sfpo_jax.tasks import Problem, Task
-
-            class Parity(Task):
-                name = "parity"
-                def __init__(self, n): self.n = n
-                def train_problems(self): return [Problem(f"{i} odd?", "yes" if i % 2 else "no") for i in range(self.n)]
-                def eval_problems(self): return [Problem("7 odd?", "yes")]
-                def reward(self, completions, answers):
-                    return np.array([c.strip() == a for c, a in zip(completions, answers)], np.float32)
-
-            def make(n=4): return Parity(n)
-            def not_a_task(): return object()
-            VALUE = 3
-            """
-        )
-    )
+    # A name never imports: a config naming "os:system" cannot run anything.
+    (tmp_path / "marker_task.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\ndef make(): pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    task = load_task("my_task:make", n=6)
+    for name in ("os:system", "marker_task:make", "nonsense"):
+        with pytest.raises(ValueError, match="built-in tasks are"):
+            load_task(name, command="true")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_import_task_from_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "my_task.py").write_text(MY_TASK)
+    monkeypatch.chdir(tmp_path)  # not on sys.path: found as `python -m` would find it
+    task = import_task("my_task:make", n=6)
     assert task.name == "parity" and len(task.train_problems()) == 6
+    assert str(tmp_path) not in sys.path  # looked up there once, not left on the path
     assert task.render(Problem("1 odd?", "yes")) == "1 odd?"
     np.testing.assert_array_equal(task.reward(["yes", "no"], ["yes", "yes"]), [1, 0])
-    with pytest.raises(ValueError, match=r"module\.path:factory"):
-        load_task("nonsense")
+    with pytest.raises(ValueError, match=r"module\.path:function"):
+        import_task("nonsense")
     with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
-        load_task("no_such_module:make")
+        import_task("no_such_module:make")
     with pytest.raises(ValueError, match="has no attribute 'missing'"):
-        load_task("my_task:missing")
+        import_task("my_task:missing")
     with pytest.raises(ValueError, match="not callable"):
-        load_task("my_task:VALUE")
+        import_task("my_task:VALUE")
     with pytest.raises(TypeError, match=r"without.*train_problems"):
-        load_task("my_task:not_a_task")
+        import_task("my_task:not_a_task")
     sys.modules.pop("my_task", None)
 
 
@@ -240,7 +250,7 @@ TINY_WARMUP = dict(
 
 def test_warmup_reaches_partial_accuracy_and_is_cached(tmp_path, monkeypatch):
     from sfpo_jax.models import from_pretrained, load_tokenizer
-    from sfpo_jax.tasks import warmup
+    from sfpo_jax.train import warmup
 
     task = ArithmeticTask(num_operands=2, digits=1, ops="+", num_train=80, num_eval=20)
     cfg = warmup.WarmupConfig(**TINY_WARMUP)
@@ -260,6 +270,12 @@ def test_warmup_reaches_partial_accuracy_and_is_cached(tmp_path, monkeypatch):
     evals = task.eval_problems()
     acc = warmup.accuracy(task, warmup.greedy_completions(greedy, params, task, evals, tok), evals)
     assert acc == pytest.approx(meta["eval_accuracy"])
+    # The saved chat template renders a prompt as the policy was trained on it (the task's text, no roles), so
+    # `apply_chat_template` on an exported policy feeds it what it knows.
+    problem = evals[0]
+    chat = tok.apply_chat_template([{"role": "user", "content": task.render(problem)}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert chat == task.render(problem)
 
     # Cached: a second call returns the same folder without training.
     monkeypatch.setattr(warmup, "train_warmup", lambda *a, **k: pytest.fail("retrained a cached warm-up"))
@@ -270,7 +286,7 @@ def test_warmup_reaches_partial_accuracy_and_is_cached(tmp_path, monkeypatch):
 
 
 def test_warmup_supervised_encoding():
-    from sfpo_jax.tasks.warmup import WarmupConfig, encode_supervised
+    from sfpo_jax.train.warmup import WarmupConfig, encode_supervised
 
     tok = char_tokenizer()
     task = CountdownTask(num_train=3, num_eval=1)

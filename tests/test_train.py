@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -21,12 +20,21 @@ from safetensors.numpy import load_file
 from sfpo_jax.models import from_pretrained, load_tokenizer
 from sfpo_jax.parallel import logical_sharding, make_mesh
 from sfpo_jax.sampling import Sampler, SamplingConfig
-from sfpo_jax.sampling.sampler import concat_rollouts
 from sfpo_jax.tasks import ArithmeticTask
-from sfpo_jax.train import Checkpointer, NonFiniteError, deterministic, load_config, loop, read_metrics, train
-from sfpo_jax.train import step as learner
+from sfpo_jax.train import (
+    Checkpointer,
+    NonFiniteError,
+    ResumeError,
+    deterministic,
+    learner,
+    load_config,
+    read_metrics,
+    step,
+    train,
+)
 from sfpo_jax.train.config import ConfigError
-from sfpo_jax.train.loop import batch_indices, eval_sets_of, evaluate, generate_in_chunks, within_prompt_length
+from sfpo_jax.train.evaluation import eval_sets_of, evaluate
+from sfpo_jax.train.loop import batch_indices, prompts_within
 from sfpo_jax.train.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,10 +60,10 @@ def test_batch_indices_cover_each_epoch_once_and_are_pure():
 def test_overlong_training_prompts_are_dropped():
     problems = ["ab", "abcd", "abc", "abcdef"]
     prompts = [list(p) for p in problems]
-    assert within_prompt_length(problems, prompts, 3) == (["ab", "abc"], [list("ab"), list("abc")])
-    assert within_prompt_length(problems, prompts, 6) == (problems, prompts)
+    assert prompts_within(problems, prompts, 3) == (["ab", "abc"], [list("ab"), list("abc")])
+    assert prompts_within(problems, prompts, 6) == (problems, prompts)
     with pytest.raises(ValueError, match="max_prompt_length=1"):
-        within_prompt_length(problems, prompts, 1)
+        prompts_within(problems, prompts, 1)
 
 
 @pytest.mark.parametrize(("algo", "calls"), [("sfpo", (2 + 1) * 2), ("grpo", 2)])
@@ -75,37 +83,8 @@ def test_loop_runs_and_logs(policy_dir, tmp_path, algo, calls):
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == 2
     assert (tmp_path / "config.yaml").is_file()
     # The params moved, and a run that is not resumed refuses to overwrite the checkpoints.
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(ResumeError, match="--resume"):
         train(cfg)
-
-
-def test_chunked_generation_concatenates_the_chunks_rollouts(policy_dir):
-    model, tok = from_pretrained(policy_dir, dtype=jnp.float32), load_tokenizer(policy_dir)
-    task = ArithmeticTask(num_train=8, num_eval=1)
-    prompts = [tok.encode(task.render(p), add_special_tokens=False) for p in task.train_problems()[:4]]
-    prompts = [p[i:] for i, p in enumerate(prompts)]  # several lengths: the chunks' left padding differs
-    sampler = Sampler(model, pad_token_id=tok.pad_token_id, prompt_buckets=(32,))
-    scfg = SamplingConfig(max_new_tokens=6, num_samples=3, eos_token_ids=(tok.eos_token_id,))
-    key, params = jax.random.key(7), nnx.state(model)
-    parts = [sampler.generate(prompts[i : i + 2], scfg, jax.random.fold_in(key, c), params=params)
-             for c, i in enumerate((0, 2))]
-    chunked = generate_in_chunks(sampler, prompts, scfg, key, params, chunk_size=2)
-    assert len(chunked.tokens) == 4 * 3 and chunked.prompt_tokens.shape == (12, 32)
-    for name, a, b, whole in zip(chunked._fields, *parts, chunked, strict=True):
-        np.testing.assert_array_equal(whole, np.concatenate([a, b]), err_msg=name)
-    assert chunked.texts(tok) == parts[0].texts(tok) + parts[1].texts(tok)
-    assert not np.array_equal(parts[0].tokens, parts[1].tokens[:6])  # each chunk drew its own key
-    # A chunk size that covers the batch is one call with the step's key: the unchunked rollout, bit for bit.
-    whole = sampler.generate(prompts, scfg, key, params=params)
-    for c in (None, 4, 9):
-        for name, a, b in zip(whole._fields, whole, generate_in_chunks(sampler, prompts, scfg, key, params, c),
-                              strict=True):
-            np.testing.assert_array_equal(a, b, err_msg=f"{name}, chunk_size={c}")
-    longer = sampler.generate(prompts[:1], SamplingConfig(max_new_tokens=7, num_samples=3), key)
-    with pytest.raises(ValueError, match="trailing shape of tokens"):
-        concat_rollouts([parts[0], longer])
-    with pytest.raises(ValueError, match="at least one"):
-        concat_rollouts([])
 
 
 def test_loop_samples_in_generation_batches_with_one_program(policy_dir, tmp_path, monkeypatch):
@@ -117,46 +96,55 @@ def test_loop_samples_in_generation_batches_with_one_program(policy_dir, tmp_pat
             samplers.append(self)
 
         def generate(self, prompts, *args, **kwargs):
-            calls.append(len(prompts))
+            calls.append((len(prompts), kwargs.get("chunk_size")))
             return super().generate(prompts, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "Sampler", Recording)
+    monkeypatch.setattr(step, "Sampler", Recording)
     cfg = load_config(None, [*overrides(policy_dir, tmp_path), "rollout.generation_batch_size=2", "run.steps=1",
                              "eval.every=0", "run.checkpoint_every=0"])
     rows = train(cfg).history
-    assert calls == [2, 2]  # prompts_per_step=4 in two calls of 2
+    assert calls == [(4, 2)]  # prompts_per_step=4 in chunks of 2
     assert rows[0]["rollouts"] == 4 * 4 and np.isfinite(rows[0]["train/loss"])
     (sampler,) = samplers
     assert sampler.num_traces == 2 and len(sampler._programs) == 1  # one (prefill, decode) pair for both chunks
-    with pytest.raises(ConfigError, match=r"rollout\.generation_batch_size: 0"):
+    with pytest.raises(ConfigError, match=r"rollout\.generation_batch_size=0 must be >= 1"):
         load_config(None, ["rollout.generation_batch_size=0"])
+
+
+KILL_AFTER_SAVE = """
+import os, runpy, signal, sys
+from sfpo_jax.train import run_dir
+
+save = run_dir.RunDir.save
+
+def save_then_die(self, step, *args):  # a kill at a fixed point: right after step KILL's checkpoint is committed
+    save(self, step, *args)
+    if step == int(os.environ["KILL_AFTER_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+run_dir.RunDir.save = save_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def test_killed_run_resumes_to_the_same_params_and_metrics(policy_dir, tmp_path):
     steps = 4
-    cli = [sys.executable, str(ROOT / "experiments" / "train.py"), "--algo", "sfpo", "--steps", str(steps)]
+    cli = [str(ROOT / "experiments" / "train.py"), "--algo", "sfpo", "--steps", str(steps)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    (tmp_path / "kill.py").write_text(KILL_AFTER_SAVE)
 
-    def run(out, *extra, wait=True):
-        cmd = [*cli, "--out", str(out), *extra, *overrides(policy_dir, out)[:-1]]
-        if wait:
-            subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
-        else:
-            return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def run(out, *extra, kill_after=None):
+        cmd = [sys.executable, *([str(tmp_path / "kill.py")] if kill_after else []), *cli, "--out", str(out), *extra,
+               *overrides(policy_dir, out)[:-1]]
+        return subprocess.run(cmd, env={**env, "KILL_AFTER_STEP": str(kill_after)}, capture_output=True, timeout=600)
 
-    run(tmp_path / "full", "--export", str(tmp_path / "full" / "export"))
-    proc = run(tmp_path / "killed", wait=False)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(read_metrics(metrics)) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(read_metrics(metrics)) < steps
-    run(tmp_path / "killed", "--resume", "--export", str(tmp_path / "killed" / "export"))
+    assert run(tmp_path / "full", "--export", str(tmp_path / "full" / "export")).returncode == 0
+    killed = run(tmp_path / "killed", kill_after=2)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "killed" / "metrics.jsonl")] == [1, 2]
+    resumed = run(tmp_path / "killed", "--resume", "--export", str(tmp_path / "killed" / "export"))
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
 
     full, resumed = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "killed"))
     assert [deterministic(r) for r in resumed] == [deterministic(r) for r in full]
@@ -184,7 +172,8 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(policy_dir, tmp_path):
     cfg = load_config(None, [*overrides(policy_dir, tmp_path), "run.steps=4", "eval.every=0",
                              "run.max_nonfinite_in_a_row=4"])
     task = NaNAfter(bad_from=3, num_train=64, num_eval=4)
-    with pytest.raises(NonFiniteError, match="step 3: 4 optimizer calls in a row"):
+    # The poisoned batch still gets its whole SFPO cycle of (2 + 1) * 2 calls, every one skipped.
+    with pytest.raises(NonFiniteError, match="step 3: 6 optimizer calls in a row"):
         train(cfg, task=task)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["nonfinite_total"] == 0
@@ -225,12 +214,12 @@ def test_micro_batched_update_stays_data_parallel(policy_dir):
     mesh = make_mesh(data=8)
     graphdef, params = nnx.split(from_pretrained(policy_dir, dtype=jnp.float32, mesh=mesh))
     cfg = load_config(None, ["rollout.prompts_per_step=8", "rollout.num_minibatches=1"])
-    tx = learner.make_optimizer(cfg)
+    tx = cfg.optimizer()
     n, p, t = 64, 8, 8
     batch = learner.Batch(np.ones((n, p + t), np.int32), np.ones((n, p + t), bool), np.ones((n, t), bool),
                           np.zeros((n, t), np.float32), np.zeros(n, np.float32), np.zeros((n, 0), np.float32))
     batch = jax.device_put(batch, logical_sharding(mesh, ("batch",)))
-    update = learner.make_update_fn(graphdef, tx, cfg, num_micro=4)
+    update = learner.make_update_fn(graphdef, tx, cfg.loss, num_micro=4)
     hlo = update.lower(params, tx.init(params), batch).compile().as_text()
     assert "all-reduce" in hlo and "all-gather" not in hlo and "all-to-all" not in hlo
 
@@ -251,8 +240,8 @@ def test_model_remat_config_gives_the_same_update(policy_dir):
         model, _ = load_policy(cfg, task)
         assert model.remat is remat
         graphdef, params = nnx.split(model)
-        tx = learner.make_optimizer(cfg)
-        params, _, metrics = learner.make_update_fn(graphdef, tx, cfg, num_micro=1)(params, tx.init(params), batch)
+        tx = cfg.optimizer()
+        params, _, metrics = learner.make_update_fn(graphdef, tx, cfg.loss, num_micro=1)(params, tx.init(params), batch)
         assert np.isfinite(metrics["loss"])
         moved.append(params)
     for a, b in zip(jax.tree.leaves(moved[0]), jax.tree.leaves(moved[1]), strict=True):
@@ -331,17 +320,17 @@ def test_evaluation_reports_each_eval_set_and_generates_in_chunks(policy_dir, mo
     generate = sampler.generate
     monkeypatch.setattr(sampler, "generate", lambda prompts, *a, **k: generated.append(len(prompts)) or
                         generate(prompts, *a, **k))
-    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.num_minibatches=1", "rollout.max_new_tokens=4",
-                             "eval.num_samples=3"])
+    scfg = SamplingConfig(max_new_tokens=4, num_samples=3, top_p=0.7, eos_token_ids=(tok.eos_token_id,))
 
     def encode(problems):
         return [tok.encode(task.render(p), add_special_tokens=False) for p in problems]
 
-    out = evaluate(sampler, nnx.state(model), task, eval_sets_of(task, None), encode, tok, cfg, jax.random.key(0))
-    assert generated == [2, 2, 1]  # prompts_per_step problems per call, whatever the eval sets' sizes
+    out = evaluate(sampler, nnx.state(model), eval_sets_of(task, None), encode, task.reward, tok, scfg, 2,
+                   jax.random.key(0))
+    assert generated == [2, 2, 1]  # chunk_size problems per call, whatever the eval sets' sizes
     assert task.graded == [2 * 3, 2 * 3, 1 * 3]
-    assert list(out) == ["eval/average/accuracy", "eval/first/accuracy", "eval/first/reward",
-                         "eval/rest/accuracy", "eval/rest/reward"]
+    assert list(out) == ["eval/average/accuracy", "eval/average/test_score", "eval/first/accuracy",
+                         "eval/first/test_score", "eval/rest/accuracy", "eval/rest/test_score"]
     assert out["eval/average/accuracy"] == pytest.approx((out["eval/first/accuracy"] + out["eval/rest/accuracy"]) / 2)
     assert all(0.0 <= v <= 1.0 for v in out.values())
 
@@ -373,7 +362,8 @@ def test_two_processes_match_one(policy_dir, tmp_path):
     metrics of one uninterrupted process with 4 devices."""
     (tmp_path / "digits_task.py").write_text(DIGITS_TASK)
     cli = [sys.executable, str(ROOT / "experiments" / "train.py"), "--algo", "sfpo",
-           *overrides(policy_dir, tmp_path)[:-1], "task.name=digits_task:make", "mesh.data=-1", "eval.every=1",
+           *overrides(policy_dir, tmp_path)[:-1], "task.import_factory=digits_task:make", "mesh.data=-1",
+           "eval.every=1",
            "task.kwargs={num_train: 64, num_eval: 4}", "eval.num_samples=4", "rollout.recompute_old_logprobs=true"]
     # Every host's share of a sampler call is 8 rows (2 prompts x 4 samples), the sampler's batch padding, so the
     # global batches, and with them the random draws, are those of the one-process run.

@@ -1,4 +1,4 @@
-"""Meshes, logical-axis sharding rules and multi-host initialisation."""
+"""Meshes, logical-axis sharding rules, multi-host initialisation and data helpers."""
 
 from sfpo_jax.parallel.mesh import (
     DEFAULT_RULES,
@@ -11,14 +11,18 @@ from sfpo_jax.parallel.mesh import (
     shard_state,
     to_global,
 )
+from sfpo_jax.parallel.multihost import all_hosts, host_share, replicate_unplaced
 
 __all__ = [
     "DEFAULT_RULES",
     "MESH_AXES",
+    "all_hosts",
+    "host_share",
     "initialize_distributed",
     "logical_sharding",
     "make_mesh",
     "param_shardings",
+    "replicate_unplaced",
     "shard_model",
     "shard_state",
     "to_global",

@@ -1,14 +1,14 @@
 """Tasks for RL: the Task interface, built-in verifiable toy tasks, real math datasets, a char tokenizer.
 
-``load_task("module.path:factory", **kwargs)`` builds any task; the built-in factories are
-``sfpo_jax.tasks:arithmetic``, ``sfpo_jax.tasks:countdown`` and ``sfpo_jax.tasks:math``.
+``load_task(name, **kwargs)`` builds a built-in task (:data:`BUILTIN_TASKS`: ``arithmetic``, ``countdown``,
+``math``); ``import_task("module.path:factory", **kwargs)`` imports and calls your own factory.
 """
 
 from sfpo_jax.tasks.arithmetic import ArithmeticTask, evaluate_chain
-from sfpo_jax.tasks.base import Problem, Task, TaskLike, load_task
+from sfpo_jax.tasks.base import Problem, Task, TaskLike, import_task, load_task
 from sfpo_jax.tasks.countdown import CountdownTask, ExpressionError, parse_expression
 from sfpo_jax.tasks.math_task import MathTask
-from sfpo_jax.tasks.tokenizer import char_tokenizer, save_char_tokenizer
+from sfpo_jax.tasks.tokenizer import RAW_CHAT_TEMPLATE, char_tokenizer, save_char_tokenizer
 
 
 def arithmetic(**kwargs) -> ArithmeticTask:
@@ -30,6 +30,7 @@ BUILTIN_TASKS = {"arithmetic": arithmetic, "countdown": countdown, "math": math}
 
 __all__ = [
     "BUILTIN_TASKS",
+    "RAW_CHAT_TEMPLATE",
     "ArithmeticTask",
     "CountdownTask",
     "ExpressionError",
@@ -41,6 +42,7 @@ __all__ = [
     "char_tokenizer",
     "countdown",
     "evaluate_chain",
+    "import_task",
     "load_task",
     "math",
     "parse_expression",

@@ -23,6 +23,8 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -93,42 +95,59 @@ class Task(abc.ABC):
 _REQUIRED = ("name", "train_problems", "eval_problems", "reward", "render")
 
 
-def load_task(spec: str, **kwargs: Any) -> TaskLike:
-    """Builds a task from ``"module.path:factory"`` (``factory(**kwargs)`` returns the task).
+def load_task(name: str, **kwargs: Any) -> TaskLike:
+    """Builds the built-in task ``name`` (see ``sfpo_jax.tasks.BUILTIN_TASKS``) with ``kwargs``.
 
-    A bare built-in name (``"arithmetic"``, ``"countdown"``, ``"math"``) means ``sfpo_jax.tasks:<name>``.
+    Only registered tasks: a name never imports a module (a config file naming a task cannot run code). To
+    build a task from your own code, use :func:`import_task`.
+    """
+    from sfpo_jax.tasks import BUILTIN_TASKS
+
+    if name not in BUILTIN_TASKS:
+        hint = " (a module.path:factory is imported by task.import_factory / --task)" if ":" in str(name) else ""
+        raise ValueError(f"unknown task {name!r}: built-in tasks are {sorted(BUILTIN_TASKS)}{hint}")
+    return _checked(BUILTIN_TASKS[name](**kwargs), name)
+
+
+def import_task(spec: str, **kwargs: Any) -> TaskLike:
+    """Imports the factory ``"module.path:function"`` and returns ``function(**kwargs)``: this runs the module's
+    code. The module is looked up on ``sys.path`` and then in the current directory (as ``python -m`` would),
+    so ``my_task.py`` beside you works as ``my_task:make``.
 
     Raises:
       ValueError: the spec is malformed, the module or factory does not exist, or the factory is not callable.
       TypeError: the factory's result lacks part of the task interface (the message lists what).
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"task spec must be 'module.path:factory', got {spec!r}")
-    if ":" not in spec:
-        from sfpo_jax import tasks as builtin
-
-        if spec not in builtin.BUILTIN_TASKS:
-            known = sorted(builtin.BUILTIN_TASKS)
-            raise ValueError(f"task spec {spec!r} is neither 'module.path:factory' nor a built-in task {known}")
-        spec = f"sfpo_jax.tasks:{spec}"
-    module_name, _, attr = spec.partition(":")
+    module_name, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if not module_name or not attr:
-        raise ValueError(f"task spec must be 'module.path:factory', got {spec!r}")
+        raise ValueError(f"task factory must be 'module.path:function', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        raise ValueError(f"task spec {spec!r}: cannot import module {module_name!r} ({e})") from e
+        cwd = os.getcwd()
+        if cwd in sys.path or e.name != module_name.split(".")[0]:
+            raise ValueError(f"task factory {spec!r}: cannot import module {module_name!r} ({e})") from e
+        sys.path.insert(0, cwd)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e2:
+            raise ValueError(f"task factory {spec!r}: cannot import module {module_name!r} ({e2})") from e2
+        finally:
+            sys.path.remove(cwd)
     factory = module
     for part in attr.split("."):
         if not hasattr(factory, part):
-            raise ValueError(f"task spec {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise ValueError(f"task factory {spec!r}: module {module_name!r} has no attribute {attr!r}")
         factory = getattr(factory, part)
     if not callable(factory):
-        raise ValueError(f"task spec {spec!r}: {attr!r} is not callable")
-    task = factory(**kwargs)
+        raise ValueError(f"task factory {spec!r}: {attr!r} is not callable")
+    return _checked(factory(**kwargs), spec)
+
+
+def _checked(task: Any, spec: str) -> TaskLike:
     missing = [m for m in _REQUIRED if not hasattr(task, m)]
     if missing:
-        raise TypeError(f"task spec {spec!r} returned {type(task).__name__} without {missing}; see sfpo_jax.tasks.Task")
+        raise TypeError(f"task {spec!r} returned {type(task).__name__} without {missing}; see sfpo_jax.tasks.Task")
     return task
 
 

@@ -18,6 +18,11 @@ CHAT_TEMPLATE = (
 )
 
 
+# The prompt exactly as a task renders it (the contents, no roles): what the warm-up and RL train a tiny policy on,
+# so that `apply_chat_template` on an exported policy gives it the text it was trained with.
+RAW_CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
 def char_tokenizer(
     alphabet: str = DEFAULT_ALPHABET, *, chat_template: str | None = CHAT_TEMPLATE
 ) -> PreTrainedTokenizerFast:

@@ -1,10 +1,12 @@
-"""The RL trainer: configuration, the loop, checkpoints, metrics and the learning-efficiency summary."""
+"""The RL trainer: configuration, one RL step, the loop, the run folder (checkpoints, metrics) and the
+supervised warm-up of the CPU demo's tiny policy."""
 
-from sfpo_jax.train.checkpoint import Checkpointer
+from sfpo_jax.train.checkpointer import Checkpointer
 from sfpo_jax.train.config import Config, ConfigError, load_config, save_config
 from sfpo_jax.train.loop import NonFiniteError, TrainResult, train
 from sfpo_jax.train.metrics import MetricsLogger, PhaseTimer, deterministic, read_metrics
-from sfpo_jax.train.summary import plot_ablation, plot_curves, render_markdown, summarize
+from sfpo_jax.train.run_dir import ResumeError, RunDir
+from sfpo_jax.train.step import RLStep, TrainState, make_rl_step
 
 __all__ = [
     "Checkpointer",
@@ -13,14 +15,15 @@ __all__ = [
     "MetricsLogger",
     "NonFiniteError",
     "PhaseTimer",
+    "RLStep",
+    "ResumeError",
+    "RunDir",
     "TrainResult",
+    "TrainState",
     "deterministic",
     "load_config",
-    "plot_ablation",
-    "plot_curves",
+    "make_rl_step",
     "read_metrics",
-    "render_markdown",
     "save_config",
-    "summarize",
     "train",
 ]

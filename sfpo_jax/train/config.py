@@ -14,48 +14,76 @@ dotted field and the offending value.
 from __future__ import annotations
 
 import dataclasses
-import math
+import inspect
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import optax
 import yaml
+
+from sfpo_jax.optim import sfpo
+from sfpo_jax.rl import LossConfig
+from sfpo_jax.sampling import SamplingConfig
 
 
 class ConfigError(ValueError):
     """A config field is unknown, mistyped or out of range; the message names the dotted field."""
 
 
+def _default(fn: Any, name: str) -> Any:
+    """The default of argument or field ``name`` of ``fn`` (a function or a dataclass): a section that
+    configures a library object takes its defaults from that object, so that no default is written twice."""
+    return inspect.signature(fn).parameters[name].default
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """The policy: ``path`` is a Hugging Face checkpoint folder or hub id, or ``warmup`` for the cached tiny
-    policy that :mod:`sfpo_jax.tasks.warmup` trains on the run's task (``warmup`` holds its config fields)."""
+class PolicyConfig:
+    """The policy (the ``model`` section): ``path`` is a Hugging Face checkpoint folder or hub id, or ``warmup``
+    for the cached tiny policy that :mod:`sfpo_jax.train.warmup` trains on the run's task (``warmup`` holds
+    its config fields).
+
+    Precision as in the official runs: ``param_dtype`` is the dtype of the parameters, the optimizer state and
+    SFPO's slow copy (the master weights: keep float32, since an AdamW step at lr 1e-6 is below bfloat16's
+    resolution for almost every weight); ``compute_dtype`` the dtype of the forward and backward passes and of
+    sampling (None: ``param_dtype``). Log-probs and losses are float32 either way."""
 
     path: str = "warmup"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] | None = None
     remat: bool = False  # rematerialise each layer's activations in the backward pass (long sequences, big models)
-    warmup: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # sfpo_jax.tasks.warmup.WarmupConfig
+    warmup: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # sfpo_jax.train.warmup.WarmupConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """Which problems and reward: ``module.path:factory`` called with ``kwargs``."""
+    """Which problems and reward: the built-in task ``name`` (see ``sfpo_jax.tasks.BUILTIN_TASKS``) called with
+    ``kwargs``, or, when ``import_factory`` is set, the factory ``module.path:function`` that it names: that
+    **imports and runs Python code**, so a config that sets it is code, to be trusted as such."""
 
-    name: str = "sfpo_jax.tasks:arithmetic"
+    name: str = "arithmetic"
+    import_factory: str | None = None
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
 class SFPOConfig:
-    """The SFPO transformation (``num_fast_steps=0`` is GRPO)."""
+    """The arguments of :func:`sfpo_jax.sfpo` (``num_minibatches`` comes from ``rollout``); checked by it.
+    ``algo: grpo`` ignores this section."""
 
-    num_fast_steps: int = 3
-    alpha: float = 0.8
-    entropy_window: int | None = 30
-    entropy_threshold: float = 1.0
-    slow_correction: bool = True  # False: the paper's ablation ending each batch at the repositioned point
+    num_fast_steps: int = _default(sfpo, "num_fast_steps")
+    alpha: float = _default(sfpo, "alpha")
+    entropy_window: int | None = _default(sfpo, "entropy_window")
+    entropy_threshold: float = _default(sfpo, "entropy_threshold")
+    slow_correction: bool = _default(sfpo, "slow_correction")  # False: the paper's ablation ending at θ̃
+
+    def __post_init__(self):
+        self.transform(num_minibatches=1)  # builds nothing parameter-sized; raises on a bad argument
+
+    def transform(self, num_minibatches: int) -> optax.GradientTransformationExtraArgs:
+        return sfpo(num_minibatches=num_minibatches, **dataclasses.asdict(self))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,51 +96,76 @@ class OptimConfig:
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
 
+    def __post_init__(self):
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-    """Sampling of the training batch and its split into optimizer calls."""
+    """Sampling of the training batch (checked by :class:`sfpo_jax.sampling.SamplingConfig`) and its split
+    into optimizer calls."""
 
     prompts_per_step: int = 256
-    group_size: int = 8
+    group_size: int = 8  # GRPO's group: completions per prompt, >= 2 (one completion has no baseline)
     max_prompt_length: int = 1536
     max_new_tokens: int = 2560
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    num_minibatches: int = 4
+    temperature: float = _default(SamplingConfig, "temperature")
+    top_p: float = _default(SamplingConfig, "top_p")
+    top_k: int = _default(SamplingConfig, "top_k")
+    num_minibatches: int = 4  # M: optimizer calls per epoch over the batch
     micro_batch_size: int | None = None
     recompute_old_logprobs: bool = False
     # Prompts per sampler call on each process (None: the process's whole share at once). Smaller values bound
     # the sampler's KV cache and prefill memory without changing the step's batch; each chunk draws its own key.
     generation_batch_size: int | None = None
 
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size} must be >= 2: GRPO's advantage is a reward minus its "
+                             "group's mean, so a group of one has no learning signal")
+        checks = [("prompts_per_step", self.prompts_per_step >= 1), ("max_prompt_length", self.max_prompt_length >= 1),
+                  ("num_minibatches", self.num_minibatches >= 1),
+                  ("micro_batch_size", self.micro_batch_size is None or self.micro_batch_size >= 1),
+                  ("generation_batch_size", self.generation_batch_size is None or self.generation_batch_size >= 1)]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+        if self.prompts_per_step % self.num_minibatches:
+            raise ValueError(f"num_minibatches={self.num_minibatches} must divide prompts_per_step="
+                             f"{self.prompts_per_step}")
+        self.sampling(eos_token_ids=())
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """The GRPO objective (:func:`sfpo_jax.grpo.policy_loss`)."""
-
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
-        "token-mean"
-    )
-    entropy_coef: float = 0.001
-    kl_coef: float = 0.0
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    scale_adv_by_std: bool = True
+    def sampling(self, eos_token_ids: tuple[int, ...]) -> SamplingConfig:
+        """The training rollouts' sampling controls: ``group_size`` completions per prompt."""
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, eos_token_ids=eos_token_ids, num_samples=self.group_size)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """pass@1 as the mean over ``num_samples`` samples per eval problem, every ``every`` steps and at the end."""
+    """pass@1 as the mean over ``num_samples`` samples per eval problem (the paper's avg@k), every ``every`` steps,
+    at the end, and before the first step when ``before_train`` is set (verl's ``val_before_train``)."""
 
     every: int = 5
     num_samples: int = 4
     temperature: float = 1.0
     top_p: float = 0.7
     max_problems: int | None = None
+    before_train: bool = False
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ValueError(f"every={self.every!r} must be >= 0 (0: no evaluation)")
+        if self.max_problems is not None and self.max_problems < 1:
+            raise ValueError(f"max_problems={self.max_problems!r} must be >= 1 or null")
+        self.sampling(max_new_tokens=1, eos_token_ids=())
+
+    def sampling(self, max_new_tokens: int, eos_token_ids: tuple[int, ...]) -> SamplingConfig:
+        return SamplingConfig(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              eos_token_ids=eos_token_ids, num_samples=self.num_samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,67 +190,50 @@ class RunConfig:
     tensorboard: bool = False
     progress: bool = True
 
+    def __post_init__(self):
+        for name in ("steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        for name in ("keep_checkpoints", "max_nonfinite_in_a_row"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a training run needs; ``algo`` picks GRPO or SFPO over the same loop."""
+    """Everything a training run needs; ``algo`` picks GRPO or SFPO over the same loop.
+
+    Each section checks its own fields when built (those that configure a library object build it, so the
+    object's own checks apply); :func:`from_dict` reports a failure as a :class:`ConfigError` naming the field.
+    """
 
     algo: Literal["grpo", "sfpo"] = "sfpo"
-    model: ModelConfig = ModelConfig()
+    model: PolicyConfig = PolicyConfig()
     task: TaskConfig = TaskConfig()
     sfpo: SFPOConfig = SFPOConfig()
     optim: OptimConfig = OptimConfig()
     rollout: RolloutConfig = RolloutConfig()
-    loss: LossConfig = LossConfig()
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     eval: EvalConfig = EvalConfig()
     mesh: MeshConfig = MeshConfig()
     run: RunConfig = RunConfig()
 
-    def __post_init__(self):
-        _check_ranges(self)
+    def optimizer(self) -> optax.GradientTransformationExtraArgs:
+        """AdamW (with global-norm clipping) followed by SFPO, or by ``sfpo(num_fast_steps=0)`` for GRPO, with
+        ``rollout.num_minibatches`` calls per epoch.
 
-    @property
-    def num_fast_steps(self) -> int:
-        """K as the transform sees it: 0 for GRPO whatever the ``sfpo`` section says."""
-        return 0 if self.algo == "grpo" else self.sfpo.num_fast_steps
-
-
-def _check_ranges(cfg: Config) -> None:
-    """Range checks that types alone do not express."""
-    checks = [
-        ("sfpo.num_fast_steps", cfg.sfpo.num_fast_steps >= 0),
-        ("sfpo.alpha", 0.0 <= cfg.sfpo.alpha <= 1.0),
-        ("sfpo.entropy_window", cfg.sfpo.entropy_window is None or cfg.sfpo.entropy_window >= 2),
-        ("sfpo.entropy_threshold", math.isfinite(cfg.sfpo.entropy_threshold)),
-        ("sfpo.slow_correction", cfg.sfpo.slow_correction or cfg.sfpo.num_fast_steps >= 1),
-        ("optim.learning_rate", cfg.optim.learning_rate > 0),
-        ("rollout.prompts_per_step", cfg.rollout.prompts_per_step >= 1),
-        ("rollout.group_size", cfg.rollout.group_size >= 1),
-        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens >= 1),
-        ("rollout.temperature", cfg.rollout.temperature >= 0),
-        ("rollout.top_p", 0.0 < cfg.rollout.top_p <= 1.0),
-        ("rollout.num_minibatches", cfg.rollout.num_minibatches >= 1),
-        ("rollout.generation_batch_size", cfg.rollout.generation_batch_size is None
-         or cfg.rollout.generation_batch_size >= 1),
-        (
-            "rollout.num_minibatches",
-            cfg.rollout.prompts_per_step % cfg.rollout.num_minibatches == 0,
-        ),
-        ("eval.num_samples", cfg.eval.num_samples >= 1),
-        ("eval.every", cfg.eval.every >= 0),
-        ("run.steps", cfg.run.steps >= 0),
-        ("run.checkpoint_every", cfg.run.checkpoint_every >= 0),
-        ("run.keep_checkpoints", cfg.run.keep_checkpoints >= 1),
-        ("run.max_nonfinite_in_a_row", cfg.run.max_nonfinite_in_a_row >= 1),
-    ]
-    for name, ok in checks:
-        if not ok:
-            section, field = name.split(".")
-            value = getattr(getattr(cfg, section), field)
-            extra = ""
-            if name == "rollout.num_minibatches" and cfg.rollout.num_minibatches >= 1:
-                extra = f" (must divide rollout.prompts_per_step={cfg.rollout.prompts_per_step})"
-            raise ConfigError(f"invalid value for {name}: {value!r}{extra}")
+        The inner optimizer is wrapped in :func:`optax.apply_if_finite`: a call with non-finite gradients
+        leaves the params and the inner state as they are, and SFPO, which sees a zero update, still counts the
+        call, so every batch gets its whole cycle (the reposition and the slow correction on their calls) and
+        the next batch starts a new one. Its ``max_consecutive_errors`` is out of reach: the loop decides when
+        too many in a row must stop the run (``run.max_nonfinite_in_a_row``).
+        """
+        o, M = self.optim, self.rollout.num_minibatches
+        inner = optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+        if o.max_grad_norm is not None:
+            inner = optax.chain(optax.clip_by_global_norm(o.max_grad_norm), inner)
+        outer = self.sfpo.transform(M) if self.algo == "sfpo" else sfpo(num_fast_steps=0, num_minibatches=M)
+        return optax.chain(optax.apply_if_finite(inner, max_consecutive_errors=2**30), outer)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -218,7 +254,12 @@ def from_dict(data: Mapping[str, Any], cls: type = Config, *, prefix: str = "") 
     for name, value in data.items():
         path = f"{prefix}{name}"
         kwargs[name] = _coerce(value, hints[name], path)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a section's own check: its message starts with the field's name
+        raise ConfigError(f"invalid value in {prefix[:-1] or 'config'}: {prefix}{e}") from None
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:

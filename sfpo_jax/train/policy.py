@@ -8,14 +8,17 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from sfpo_jax.models import from_pretrained, load_tokenizer
-from sfpo_jax.tasks import load_task
+from sfpo_jax.tasks import import_task, load_task
 from sfpo_jax.train.config import Config
 
 WARMUP = "warmup"
 
 
 def task_from_config(cfg: Config):
-    """The run's task: ``task.name`` (``module.path:factory`` or a built-in name) called with ``task.kwargs``."""
+    """The run's task: the built-in ``task.name``, or the factory that ``task.import_factory`` names (imported
+    only then), called with ``task.kwargs``."""
+    if cfg.task.import_factory is not None:
+        return import_task(cfg.task.import_factory, **cfg.task.kwargs)
     return load_task(cfg.task.name, **cfg.task.kwargs)
 
 
@@ -26,7 +29,7 @@ def policy_path(cfg: Config, task) -> Path:
     id (downloaded with ``huggingface_hub.snapshot_download``, which needs network access).
     """
     if cfg.model.path == WARMUP:
-        from sfpo_jax.tasks.warmup import WarmupConfig, warmup_policy
+        from sfpo_jax.train.warmup import WarmupConfig, warmup_policy
 
         return warmup_policy(task, WarmupConfig(**cfg.model.warmup))
     path = Path(cfg.model.path).expanduser()
@@ -45,11 +48,13 @@ def prepare_policy(cfg: Config) -> Path:
 
 
 def load_policy(cfg: Config, task, *, mesh=None, rules=None):
-    """``(model, tokenizer)`` of the run's initial policy, in ``model.dtype``, sharded over ``mesh``, with
-    activation rematerialisation when ``model.remat`` is set."""
+    """``(model, tokenizer)`` of the run's initial policy with ``model.param_dtype`` params computing in
+    ``model.compute_dtype``, sharded over ``mesh``, with activation rematerialisation when ``model.remat`` is set."""
     path = policy_path(cfg, task)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
-    model = from_pretrained(path, dtype=dtype, mesh=mesh, rules=rules, remat=cfg.model.remat)
+    m = cfg.model
+    model = from_pretrained(path, dtype=jnp.dtype(m.param_dtype),
+                            compute_dtype=jnp.dtype(m.compute_dtype or m.param_dtype),
+                            mesh=mesh, rules=rules, remat=m.remat)
     tokenizer = load_tokenizer(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

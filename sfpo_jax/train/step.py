@@ -1,14 +1,21 @@
-"""The learner side of one RL step, as pure functions: the optimizer, the policy's token log-probs on a
-rollout batch (with gradients inside the loss, or as a jitted forward pass for old / reference log-probs), and
-one jitted optimizer call (a mini-batch accumulated over micro-batches).
+"""One RL step, as a function a user can call in their own loop::
 
-Everything here is a function of arrays; the loop in :mod:`sfpo_jax.train.loop` decides what to call when.
+    rl_step, state = make_rl_step(model, tokenizer, task.reward, cfg.optimizer(), cfg.rollout, cfg.loss)
+    for step in range(num_steps):
+        state, metrics = rl_step(state, prompts, answers, jax.random.fold_in(key, step))
+
+A step is: prompts → ``group_size`` completions each (the sampler, at the slow point θ_s) → rewards → group
+advantages → optionally the old log-probs recomputed by the learner at θ_s and the reference policy's log-probs
+(for a KL term) → ``calls_per_batch(opt_state)`` optimizer calls over the mini-batches (the SFPO transform decides:
+K+1 epochs while active, one after its entropy switch) → metrics. GRPO is the same step with
+``sfpo(num_fast_steps=0)``. Everything but sampling and grading is jitted; the state is a pytree of arrays.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,225 +23,192 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sfpo_jax.optim import sfpo
-from sfpo_jax.rl import grpo
-from sfpo_jax.train.config import Config
+from sfpo_jax.optim import calls_per_batch, sfpo_active
+from sfpo_jax.parallel import all_hosts, logical_sharding, replicate_unplaced, to_global
+from sfpo_jax.rl import LossConfig, group_advantages
+from sfpo_jax.sampling import Sampler, SamplingConfig
+from sfpo_jax.train import learner
+from sfpo_jax.train.metrics import PhaseTimer
+
+RewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 
 
-class Batch(NamedTuple):
-    """A rollout batch laid out for the learner: N sequences of P prompt tokens then T completion tokens.
+class TrainState(NamedTuple):
+    """What a step changes: the policy's params (the master weights, an ``nnx.State``) and the optimizer state
+    (which holds SFPO's slow copy and cycle, and the non-finite counters of ``optax.apply_if_finite``)."""
+
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class RLStep:
+    """One GRPO / SFPO step on one batch of prompts; built by :func:`make_rl_step`, called as
+    ``state, metrics = rl_step(state, prompts, answers, key)``.
 
     Attributes:
-      tokens: ``[N, P+T] int32``, the left-padded prompt followed by the (right-padded) completion.
-      attention_mask: ``[N, P+T] bool``, real tokens.
-      completion_mask: ``[N, T] bool``, completion tokens that the loss sees (up to and including EOS).
-      old_logp: ``[N, T] float32``, log-probs of the completion under the rollout policy θ_s.
-      advantages: ``[N] float32``, group-normalised advantages.
-      ref_logp: ``[N, T] float32`` under the reference policy, or ``[N, 0]`` when no KL term is used.
+      sampler: draws the rollouts (``sampling``: its controls, ``group_size`` samples per prompt).
+      tokenizer: decodes completions for ``reward_fn(completions, answers) -> [N] float32``.
+      update: the learner's jitted optimizer call (:func:`sfpo_jax.train.learner.make_update_fn`).
+      logprob_fn: the learner's jitted forward pass for old / reference log-probs, or None when neither is used.
+      ref_params: the frozen KL reference policy's params, or None without a KL term.
+      num_minibatches: M, the optimizer calls per epoch over the batch (as given to the SFPO transform).
+      loss: the objective (advantages are normalised by ``loss.scale_adv_by_std``).
+      recompute_old_logprobs: take the ratio's denominator from the learner's forward at θ_s, not the sampler's.
+      generation_batch_size: prompts per sampler call (None: all at once).
+      batch_sharding: of the learner batch's rows over the mesh.
     """
 
-    tokens: jax.Array
-    attention_mask: jax.Array
-    completion_mask: jax.Array
-    old_logp: jax.Array
-    advantages: jax.Array
-    ref_logp: jax.Array
+    sampler: Sampler
+    sampling: SamplingConfig
+    tokenizer: Any
+    reward_fn: RewardFn
+    update: Callable
+    logprob_fn: Callable | None
+    ref_params: nnx.State | None
+    num_minibatches: int
+    loss: LossConfig
+    recompute_old_logprobs: bool
+    generation_batch_size: int | None
+    batch_sharding: Any
+
+    def __call__(self, state: TrainState, prompts: Sequence[Sequence[int]], answers: Sequence[str], key: jax.Array,
+                 *, prompt_length: int | None = None, timer: PhaseTimer | None = None
+                 ) -> tuple[TrainState, dict[str, Any]]:
+        """Samples, scores and learns on one batch.
+
+        Args:
+          state: the params θ_s and optimizer state at the start of the step (donated: do not reuse them).
+          prompts: this process's prompts as token ids; ``answers`` their reference answers, one per prompt.
+          key: the step's PRNG key (the sampler's; everything else is deterministic).
+          prompt_length: pad prompts to this many tokens (the same on every process of a multi-host run, e.g.
+            ``sfpo_jax.sampling.prompt_bucket`` of the global batch's longest prompt); None: the sampler's bucket.
+          timer: adds the seconds of the phases ``sample``, ``score``, ``logprobs`` and ``update`` (default: a
+            fresh timer).
+
+        Returns:
+          ``(state, metrics)``: the state after the batch's optimizer calls, and the batch's metrics over every
+          process's rollouts (reward, accuracy, lengths, the learner's mean over the calls, ...).
+        """
+        timer = timer if timer is not None else PhaseTimer()
+        params, opt_state = state
+        G = self.sampling.num_samples
+        with timer("sample"):
+            rollout = self.sampler.generate(prompts, self.sampling, key, params=params, prompt_length=prompt_length,
+                                            chunk_size=self.generation_batch_size)
+        with timer("score"):
+            rewards = np.asarray(self.reward_fn(rollout.texts(self.tokenizer), [a for a in answers for _ in range(G)]),
+                                 np.float32)
+            advantages = np.asarray(group_advantages(rewards, G, scale_by_std=self.loss.scale_adv_by_std))
+            batch = jax.tree.map(lambda x: to_global(x, self.batch_sharding), learner.make_batch(rollout, advantages))
+            rewards, lengths, finish = (all_hosts(x) for x in (rewards, rollout.lengths, rollout.finish_reason))
+        metrics = rollout_metrics(rewards, lengths, finish, G)
+        if self.logprob_fn is not None:
+            with timer("logprobs"):
+                batch, logprob_metrics = self._extra_logprobs(params, batch)
+            metrics |= logprob_metrics
+        with timer("update"):
+            active = sfpo_active(opt_state)
+            minibatches = learner.split_minibatches(batch, self.num_minibatches)
+            calls = []
+            # The SFPO transform's cycle and the mini-batches are both counted from the batch's first call:
+            # a non-finite call still counts (see `Config.optimizer`), so call c is mini-batch c % M.
+            for call in range(calls_per_batch(opt_state)):
+                params, opt_state, m = self.update(params, opt_state, minibatches[call % self.num_minibatches])
+                calls.append(jax.device_get(m))
+        in_a_row, total = nonfinite_counts(opt_state)
+        metrics |= {"sfpo_active": active, "optimizer_calls": len(calls), "nonfinite_in_a_row": in_a_row,
+                    "nonfinite_total": total, **reduce_call_metrics(calls, self.num_minibatches),
+                    "time/tokens_per_second": float(lengths.sum()) / max(timer.last("sample"), 1e-9)}
+        return TrainState(params, opt_state), metrics
+
+    def _extra_logprobs(self, params, batch: learner.Batch) -> tuple[learner.Batch, dict[str, float]]:
+        """The batch with its old log-probs recomputed at θ_s (``params``, not yet updated this step) and / or the
+        reference policy's log-probs filled in."""
+        inputs, metrics = (batch.tokens, batch.attention_mask, batch.completion_mask), {}
+        if self.recompute_old_logprobs:
+            old_logp = self.logprob_fn(params, *inputs)
+            metrics["logprobs/sampler_abs_diff"] = float(
+                learner.masked_mean_abs_diff(old_logp, batch.old_logp, batch.completion_mask))
+            batch = batch._replace(old_logp=old_logp)
+        if self.ref_params is not None:
+            batch = batch._replace(ref_logp=self.logprob_fn(self.ref_params, *inputs))
+        jax.block_until_ready(batch)  # so that the phase's time is the passes', not the next phase's
+        return batch, metrics
 
 
-def make_optimizer(cfg: Config) -> optax.GradientTransformationExtraArgs:
-    """AdamW (with global-norm clipping) followed by SFPO; ``algo=grpo`` gives ``num_fast_steps=0``.
-
-    Wrapped in :func:`optax.apply_if_finite`, so a non-finite gradient skips the call without touching the
-    params or any state (the SFPO cycle included). Its ``max_consecutive_errors`` is set out of reach because
-    the loop, not optax, decides when too many in a row must stop the run.
-    """
-    o = cfg.optim
-    parts = []
-    if o.max_grad_norm is not None:
-        parts.append(optax.clip_by_global_norm(o.max_grad_norm))
-    parts.append(optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
-    parts.append(
-        sfpo(
-            num_fast_steps=cfg.num_fast_steps,
-            alpha=cfg.sfpo.alpha,
-            num_minibatches=cfg.rollout.num_minibatches,
-            entropy_window=cfg.sfpo.entropy_window,
-            entropy_threshold=cfg.sfpo.entropy_threshold,
-            # GRPO (K = 0) has no fast steps and so nothing to skip: it is always the plain inner step.
-            slow_correction=cfg.sfpo.slow_correction or cfg.num_fast_steps == 0,
-        )
-    )
-    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**30)
-
-
-def completion_logprobs(model, batch_tokens, attention_mask, completion_mask):
-    """Log-probs and entropies of the completion tokens under ``model``.
+def make_rl_step(model: nnx.Module, tokenizer, reward_fn: RewardFn, tx: optax.GradientTransformationExtraArgs,
+                 rollout, loss: LossConfig, *, mesh=None) -> tuple[RLStep, TrainState]:
+    """The step function and the initial state of an RL run.
 
     Args:
-      model: a :class:`sfpo_jax.models.CausalLM`.
-      batch_tokens: ``[N, P+T] int32``; attention_mask: ``[N, P+T]``; completion_mask: ``[N, T]``.
-
-    Returns:
-      ``(logp, entropy)``, both ``[N, T] float32`` and zero where ``completion_mask`` is 0.
+      model: the policy (a :class:`sfpo_jax.models.CausalLM`, sharded over ``mesh`` if given); its params are the
+        initial state, and with ``loss.kl_coef > 0`` a frozen copy of them is the KL reference.
+      tokenizer: a Hugging Face tokenizer (its pad and EOS ids drive the sampler).
+      reward_fn: ``(completions, answers) -> [N]`` rewards, e.g. a task's ``reward``.
+      tx: the optimizer, an SFPO transform chained last (``Config.optimizer()``; ``sfpo(num_fast_steps=0)`` for
+        GRPO) with ``num_minibatches == rollout.num_minibatches``.
+      rollout: a :class:`sfpo_jax.train.config.RolloutConfig` (batch, sampling and mini/micro-batch sizes).
+      loss: the objective.
+      mesh: the device mesh (None: the default device).
     """
-    T = completion_mask.shape[1]
-    logits = model(batch_tokens, attention_mask=attention_mask)  # [N, P+T, V] float32
-    # The logit at position t predicts token t+1: the completion's T tokens are predicted by [P-1, P+T-1).
-    return grpo.token_logprobs_and_entropy(logits[:, -T - 1 : -1], batch_tokens[:, -T:], completion_mask)
-
-
-def minibatch_loss(params, graphdef, batch: Batch, cfg: Config, num_tokens, num_seqs):
-    """The GRPO loss of one micro-batch, normalised by the whole mini-batch's token and sequence counts, so
-    that the micro-batch losses (and their gradients) add up to the mini-batch's."""
-    model = nnx.merge(graphdef, params)
-    logp, entropy = completion_logprobs(model, batch.tokens, batch.attention_mask, batch.completion_mask)
-    L = cfg.loss
-    use_kl = L.kl_coef > 0
-    return grpo.policy_loss(
-        logp,
-        batch.old_logp,
-        batch.advantages,
-        batch.completion_mask,
-        clip_low=L.clip_low,
-        clip_high=L.clip_high,
-        dual_clip=L.dual_clip,
-        agg=L.agg,
-        ref_logp=batch.ref_logp if use_kl else None,
-        kl_coef=L.kl_coef,
-        kl_estimator=L.kl_estimator,
-        entropy=entropy,
-        entropy_coef=L.entropy_coef,
-        num_tokens=num_tokens,
-        num_seqs=num_seqs,
+    graphdef, params = nnx.split(model)
+    # The KL reference is the initial policy, frozen: a copy, since the update donates (overwrites) `params`.
+    ref_params = jax.tree.map(jnp.copy, params) if loss.kl_coef > 0 else None
+    minibatch = rollout.prompts_per_step * rollout.group_size // rollout.num_minibatches
+    num_micro = learner.micro_batches_per_minibatch(minibatch, rollout.micro_batch_size)
+    extra_logprobs = rollout.recompute_old_logprobs or ref_params is not None
+    step = RLStep(
+        sampler=Sampler(model, mesh=mesh, pad_token_id=tokenizer.pad_token_id),
+        sampling=rollout.sampling(eos_token_ids=(tokenizer.eos_token_id,)),
+        tokenizer=tokenizer,
+        reward_fn=reward_fn,
+        update=learner.make_update_fn(graphdef, tx, loss, num_micro),
+        logprob_fn=learner.make_logprob_fn(graphdef, rollout.micro_batch_size) if extra_logprobs else None,
+        ref_params=ref_params,
+        num_minibatches=rollout.num_minibatches,
+        loss=loss,
+        recompute_old_logprobs=rollout.recompute_old_logprobs,
+        generation_batch_size=rollout.generation_batch_size,
+        batch_sharding=None if mesh is None else logical_sharding(mesh, ("batch",)),
     )
+    opt_state = tx.init(params)
+    return step, TrainState(params, opt_state if mesh is None else replicate_unplaced(opt_state, mesh))
 
 
-def make_update_fn(graphdef, tx: optax.GradientTransformationExtraArgs, cfg: Config, num_micro: int):
-    """One optimizer call: gradients of a mini-batch accumulated over ``num_micro`` micro-batches
-    (``lax.scan``, so memory is that of one micro-batch), then ``tx.update`` with the mini-batch's mean token
-    entropy (what SFPO's switch watches), then ``apply_updates``. Params and optimizer state are donated.
-
-    Returns ``update(params, opt_state, batch) -> (params, opt_state, metrics)``.
-    """
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def update(params, opt_state, batch: Batch):
-        num_tokens = jnp.maximum(batch.completion_mask.sum(), 1).astype(jnp.float32)
-        num_seqs = jnp.asarray(batch.completion_mask.shape[0], jnp.float32)
-        micro = jax.tree.map(lambda x: to_micro_batches(x, num_micro), batch)
-        grad_fn = jax.value_and_grad(minibatch_loss, has_aux=True)
-
-        def accumulate(grads, mb):
-            (loss, metrics), g = grad_fn(params, graphdef, Batch(*mb), cfg, num_tokens, num_seqs)
-            return jax.tree.map(jnp.add, grads, g), (loss, metrics)
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (losses, metrics) = jax.lax.scan(accumulate, zeros, tuple(micro))
-        # Micro-batches are equal in size: their metrics average to the mini-batch's.
-        metrics = jax.tree.map(lambda m: m.mean(0), metrics)
-        metrics["loss"] = losses.sum()
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, opt_state, params, entropy=metrics["entropy"])
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, metrics
-
-    return update
+def nonfinite_counts(opt_state: optax.OptState) -> tuple[int, int]:
+    """``(in_a_row, total)`` optimizer calls skipped for non-finite gradients, from the state of the
+    ``optax.apply_if_finite`` in ``opt_state`` (``(0, 0)`` without one). A host sync."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState))
+             if isinstance(s, optax.ApplyIfFiniteState)]
+    if not found:
+        return 0, 0
+    return int(found[0].notfinite_count), int(found[0].total_notfinite)
 
 
-def to_micro_batches(x: jax.Array, num_micro: int) -> jax.Array:
-    """``[N, ...] → [num_micro, N // num_micro, ...]``, micro-batch ``j`` holding rows ``j, j + num_micro, …``.
-
-    Strided rather than contiguous on purpose: the batch is sharded in contiguous blocks over the ``batch``
-    mesh axes, and a strided split leaves every micro-batch spread over all of them (each device slices its own
-    block, no communication). A contiguous split would put whole micro-batches on single shards, and XLA
-    all-gathers the batch and runs every micro-batch replicated instead. Inverse: :func:`from_micro_batches`.
-    """
-    n = x.shape[0]
-    if n % num_micro:
-        raise ValueError(f"{n} rows do not split into {num_micro} equal micro-batches")
-    return x.reshape(n // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
-
-
-def from_micro_batches(x: jax.Array) -> jax.Array:
-    """Inverse of :func:`to_micro_batches`: ``[num_micro, B, ...] → [num_micro * B, ...]`` in the original row order."""
-    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+def rollout_metrics(rewards: np.ndarray, lengths: np.ndarray, finish_reason: np.ndarray,
+                    group_size: int) -> dict[str, float]:
+    """Reward, accuracy (reward ≥ 1), zero-variance groups and response lengths of one rollout batch (``[N]``
+    arrays, groups of ``group_size`` consecutive rows)."""
+    groups = rewards.reshape(-1, group_size)
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()),
+        "accuracy": float((rewards >= 1.0).mean()),
+        "zero_variance_groups": float((groups.max(1) == groups.min(1)).mean()),
+        "response_length/mean": float(lengths.mean()),
+        "response_length/max": int(lengths.max()),
+        "finished": float((finish_reason == 0).mean()),
+    }
 
 
-def make_logprob_fn(graphdef, micro_batch_size: int | None):
-    """A jitted forward pass giving the completion log-probs of a whole rollout batch under some params.
-
-    The loop uses it for the two extra log-prob passes of a step: the *old* log-probs recomputed by the learner
-    at θ_s (``rollout.recompute_old_logprobs``: the learner's own numerics, e.g. bf16 training vs a sampler that
-    differs, instead of the sampler's) and the *reference* policy's log-probs for the KL term
-    (``loss.kl_coef > 0``). No gradients, so a micro-batch costs one forward pass; ``lax.map`` over
-    micro-batches of ``micro_batch_size`` rows keeps memory at one micro-batch's logits, and the strided split
-    (:func:`to_micro_batches`) keeps each micro-batch sharded over the batch axes like the update's.
-
-    Args:
-      graphdef: the model's ``nnx.GraphDef`` (from ``nnx.split``).
-      micro_batch_size: rows per forward pass; None: the whole batch at once. Must divide the batch size.
-
-    Returns:
-      ``logprob_fn(params, tokens, attention_mask, completion_mask) -> [N, T] float32``, with the inputs as in
-      :class:`Batch` (``tokens``/``attention_mask`` ``[N, P+T]``, ``completion_mask`` ``[N, T]``), zero where
-      ``completion_mask`` is 0, the temperature-1 log-probs the sampler reports. Compiled once per shape.
-    """
-
-    @jax.jit
-    def logprob_fn(params, tokens, attention_mask, completion_mask):
-        num_micro = micro_batches_per_minibatch(tokens.shape[0], micro_batch_size, what="batch size")
-        micro = tuple(to_micro_batches(x, num_micro) for x in (tokens, attention_mask, completion_mask))
-
-        def forward(mb):
-            logp, _ = completion_logprobs(nnx.merge(graphdef, params), *mb)  # the entropy is dead code to XLA
-            return logp
-
-        return from_micro_batches(jax.lax.map(forward, micro))
-
-    return logprob_fn
-
-
-@jax.jit
-def masked_mean_abs_diff(a: jax.Array, b: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of ``|a - b|`` over the real tokens of ``[N, T]`` arrays (0 with no real token): the gap between
-    recomputed and sampler log-probs that the loop logs."""
-    m = mask.astype(bool)
-    return jnp.sum(jnp.where(m, jnp.abs(a - b), 0.0)) / jnp.maximum(jnp.sum(m), 1)
-
-
-def split_minibatches(batch: Batch, num_minibatches: int) -> list[Batch]:
-    """Splits a batch along its first axis into ``num_minibatches`` equal, contiguous mini-batches.
-
-    Contiguous slices keep whole GRPO groups together when the number of prompts divides evenly.
-    """
-    n = batch.tokens.shape[0]
-    if n % num_minibatches:
-        raise ValueError(f"batch of {n} sequences does not split into num_minibatches={num_minibatches}")
-    size = n // num_minibatches
-    return [Batch(*(x[i * size : (i + 1) * size] for x in batch)) for i in range(num_minibatches)]
-
-
-def micro_batches_per_minibatch(minibatch_size: int, micro_batch_size: int | None, *,
-                                what: str = "mini-batch size") -> int:
-    """How many micro-batches one mini-batch (or any batch; ``what`` names it in errors) is split into
-    (1 when ``micro_batch_size`` is None)."""
-    if micro_batch_size is None or micro_batch_size >= minibatch_size:
-        return 1
-    if minibatch_size % micro_batch_size:
-        raise ValueError(f"rollout.micro_batch_size={micro_batch_size} must divide the {what} {minibatch_size}")
-    return minibatch_size // micro_batch_size
-
-
-def make_batch(rollout, advantages: np.ndarray, ref_logp: np.ndarray | None = None) -> Batch:
-    """Lays a sampler :class:`~sfpo_jax.sampling.Rollout` and its advantages out as a learner :class:`Batch`."""
-    tokens = np.concatenate([np.asarray(rollout.prompt_tokens), np.asarray(rollout.tokens)], axis=1)
-    mask = np.concatenate([np.asarray(rollout.prompt_mask), np.asarray(rollout.mask)], axis=1)
-    n = tokens.shape[0]
-    return Batch(
-        tokens=tokens.astype(np.int32),
-        attention_mask=mask.astype(bool),
-        completion_mask=np.asarray(rollout.mask, bool),
-        old_logp=np.asarray(rollout.logprobs, np.float32),
-        advantages=np.asarray(advantages, np.float32),
-        ref_logp=np.zeros((n, 0), np.float32) if ref_logp is None else np.asarray(ref_logp, np.float32),
-    )
+def reduce_call_metrics(calls: list[dict], num_minibatches: int) -> dict[str, float]:
+    """One row's learner metrics: ``train/<name>``, the mean over the batch's optimizer calls (min / max for the
+    ratio extremes); ``entropy``, the mean over the batch's last epoch, the value that SFPO's switch records."""
+    out = {}
+    for k in calls[0]:
+        values = np.asarray([c[k] for c in calls], np.float64)
+        reduce = {"ratio_min": np.min, "ratio_max": np.max}.get(k, np.mean)
+        out[f"train/{k}"] = float(reduce(values))
+    out["entropy"] = float(np.mean([c["entropy"] for c in calls[-num_minibatches:]]))
+    return out

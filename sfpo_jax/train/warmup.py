@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm.auto import tqdm
 
 from sfpo_jax.models import CausalLM, ModelConfig, from_pretrained, load_tokenizer, save_pretrained
-from sfpo_jax.tasks.base import Problem, TaskLike
-from sfpo_jax.tasks.tokenizer import char_tokenizer
+from sfpo_jax.tasks import RAW_CHAT_TEMPLATE, Problem, TaskLike, char_tokenizer
 
 METADATA_FILE = "warmup.json"
 
@@ -190,7 +190,7 @@ def train_warmup(task: TaskLike, cfg: WarmupConfig = WarmupConfig(), tokenizer=N
       and the accuracy ``history``.
     """
     start = time.perf_counter()
-    tokenizer = tokenizer or char_tokenizer()
+    tokenizer = tokenizer or char_tokenizer(chat_template=RAW_CHAT_TEMPLATE)
     train, evals = task.train_problems(), task.eval_problems()[: cfg.num_eval]
     if not train or not evals:
         raise ValueError(f"task {task.name!r} needs train and eval problems, got {len(train)} and {len(evals)}")
@@ -213,6 +213,8 @@ def train_warmup(task: TaskLike, cfg: WarmupConfig = WarmupConfig(), tokenizer=N
     history, acc, loss, step = [], 0.0, float("nan"), 0
     order = rng.permutation(len(train))
     cursor = 0
+    bar = tqdm(total=cfg.max_steps, desc=f"warm-up {task.name} (supervised, once; cached)", leave=False,
+               dynamic_ncols=True)
     while step < cfg.max_steps:
         if cursor + cfg.batch_size > len(order):
             order, cursor = rng.permutation(len(train)), 0
@@ -224,13 +226,16 @@ def train_warmup(task: TaskLike, cfg: WarmupConfig = WarmupConfig(), tokenizer=N
         cursor += cfg.batch_size
         params, opt_state, loss = train_step(params, opt_state, ids[idx], mask[idx], loss_mask[idx])
         step += 1
+        bar.update()
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             acc = accuracy(task, greedy_completions(greedy, params, task, evals, tokenizer), evals)
             history.append((step, acc))
+            bar.set_postfix(greedy_accuracy=f"{acc:.2f}", target=cfg.stop_accuracy)
             if log:
                 log(f"warm-up step {step}: loss {float(loss):.3f} eval accuracy {acc:.2f}")
             if acc >= cfg.stop_accuracy:
                 break
+    bar.close()
     model = nnx.merge(graphdef, params)
     metrics = {
         "steps": step,
@@ -251,7 +256,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def cache_key(task: TaskLike, cfg: WarmupConfig) -> str:
     """``<task name>-<hash>``: the hash covers every train/eval problem and the warm-up config."""
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps([dataclasses.asdict(cfg), RAW_CHAT_TEMPLATE], sort_keys=True).encode())
     for p in (*task.train_problems(), None, *task.eval_problems()[: cfg.num_eval]):
         h.update(b"\x00" if p is None else json.dumps([task.render(p), p.target, p.answer]).encode())
     safe = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in task.name)

@@ -185,6 +185,10 @@ class Checkpointer:
         # `restored.state` has None where the target has zero-size leaves: the target's leaves are a prefix of it.
         return jax.tree.map(_from_saved, target, restored.state), restored.meta
 
+    def delete(self, step: int) -> None:
+        """Deletes the checkpoint of ``step`` (e.g. one that no longer reads back)."""
+        self._manager.delete(step)
+
     def wait(self) -> None:
         """Blocks until an asynchronous save in flight is committed (a no-op for synchronous saves)."""
         self._manager.wait_until_finished()

@@ -1,0 +1,135 @@
+"""A run's output folder: ``config.yaml``, ``metrics.jsonl`` and ``checkpoints/``, opened fresh or resumed.
+
+Nothing is overwritten by mistake and nothing is written before it is known to be right:
+
+- a fresh run refuses a folder that already holds checkpoints or metrics (``--resume`` continues it);
+- a resumed run refuses a config that differs from the stored one in a field that changes the training
+  trajectory (naming the fields; :data:`RESUMABLE_FIELDS` may change, e.g. ``run.steps``);
+- it resumes from the newest checkpoint that reads back, saying which unreadable ones it skipped, or names the
+  files to delete when none does;
+- ``config.yaml`` is written last, after the checkpoint and ``metrics.jsonl`` have been validated.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sfpo_jax.train.checkpointer import Checkpointer
+from sfpo_jax.train.config import Config, save_config, to_dict
+from sfpo_jax.train.metrics import MetricsLogger
+
+# Settings a resumed run may change without changing what it computes for the steps it shares with the first.
+RESUMABLE_FIELDS = frozenset({
+    "run.steps", "run.out", "run.progress", "run.tensorboard", "run.checkpoint_every", "run.keep_checkpoints",
+    "run.max_nonfinite_in_a_row",
+})
+
+
+class ResumeError(RuntimeError):
+    """The run folder cannot be resumed (or overwritten) as asked; the message says what to do."""
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, Mapping) and not (prefix and k in ("kwargs", "warmup")):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(stored: Mapping[str, Any], current: Config) -> list[str]:
+    """The dotted fields whose value in ``current`` differs from the ``stored`` config dict, except
+    :data:`RESUMABLE_FIELDS` (a missing or new field counts as a change)."""
+    old, new = _flatten(stored), _flatten(to_dict(current))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, ...) != new.get(k, ...))
+    return [k for k in changed if k not in RESUMABLE_FIELDS]
+
+
+class RunDir:
+    """The output folder of one run (``cfg.run.out``); see the module docstring.
+
+    Use: ``run = RunDir(cfg, resume=...)``, ``state, step, timer_state = run.restore(initial_state)``, then
+    :meth:`log` rows, :meth:`save` checkpoints and :meth:`close`.
+    """
+
+    def __init__(self, cfg: Config, *, resume: bool, is_main: bool = True):
+        self.cfg, self.resume, self.is_main = cfg, resume, is_main
+        self.out = Path(cfg.run.out)
+        has_metrics = (self.out / "metrics.jsonl").exists()
+        self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.run.keep_checkpoints)
+        has_checkpoints = bool(self.checkpointer.all_steps())
+        if not resume and (has_checkpoints or has_metrics):
+            self.checkpointer.close()
+            raise ResumeError(f"{self.out} already holds a run ({'checkpoints' if has_checkpoints else 'metrics.jsonl'}"
+                              "): pass --resume to continue it, or use a new --out")
+        if resume and (has_checkpoints or has_metrics):
+            self._check_config()
+        self.resume_step: int | None = None
+        self.logger: MetricsLogger | None = None
+
+    def _check_config(self) -> None:
+        path = self.out / "config.yaml"
+        if not path.exists():
+            raise ResumeError(f"cannot resume {self.out}: its config.yaml is missing, so exactness cannot be checked")
+        changed = config_changes(yaml.safe_load(path.read_text()) or {}, self.cfg)
+        if changed:
+            raise ResumeError(f"cannot resume {self.out}: the config differs from the stored {path} in {changed}, "
+                              "which would break exact resume (only "
+                              f"{sorted(RESUMABLE_FIELDS)} may change); use a new --out")
+
+    def restore(self, state: Any) -> tuple[Any, int, dict[str, float]]:
+        """``(state, step, timer_state)`` to continue from: the newest readable checkpoint when resuming, else
+        ``(state, 0, {})``. Then opens ``metrics.jsonl`` (keeping the rows up to that step) and writes
+        ``config.yaml``."""
+        step, timer_state = 0, {}
+        if self.resume:
+            steps = self.checkpointer.all_steps()
+            for candidate in reversed(steps):
+                try:
+                    state, meta = self.checkpointer.restore(candidate, target=state)
+                except Exception as e:  # orbax / TensorStore errors name neither the step nor the file
+                    warnings.warn(f"checkpoint step {candidate} in {self.checkpointer.directory} is unreadable "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); trying an older one",
+                                  stacklevel=2)
+                    continue
+                step, timer_state = meta["step"], meta["timer"]
+                if candidate != steps[-1]:
+                    newer = [s for s in steps if s > candidate]
+                    for s in newer:  # unreadable; later saves must come after the step resumed from
+                        self.checkpointer.delete(s)
+                    warnings.warn(f"resuming {self.out} from step {step}, the newest intact checkpoint (deleted the "
+                                  f"unreadable steps {newer})", stacklevel=2)
+                break
+            else:
+                if steps:
+                    raise ResumeError(f"no checkpoint in {self.checkpointer.directory} can be read (steps {steps}); "
+                                      f"delete {self.out} to start over, or restore its checkpoints from a backup")
+            self.resume_step = step
+        self.logger = MetricsLogger(self.out, tensorboard=self.cfg.run.tensorboard, enabled=self.is_main,
+                                    resume_step=self.resume_step)
+        if self.is_main:
+            save_config(self.cfg, self.out / "config.yaml")
+        return state, step, timer_state
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        self.logger.log(row)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.logger.rows
+
+    def save(self, step: int, state: Any, timer_state: Mapping[str, float]) -> None:
+        """Checkpoints ``state`` as ``step`` (with the phase timer's totals and the config)."""
+        self.checkpointer.save(step, state, {"step": step, "timer": dict(timer_state), "config": to_dict(self.cfg)})
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        if self.logger is not None:
+            self.logger.close()
