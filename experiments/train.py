@@ -25,7 +25,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--algo", choices=["grpo", "sfpo"])
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
-    p.add_argument("--out", help="run directory")
+    p.add_argument("--out", help="run directory (default: the config's run.out, + '-<algo>' when --algo is given)")
     p.add_argument("--task", help="import a Task factory module.path:factory (runs that code)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
     p.add_argument("--export", help="write the final policy as a Hugging Face checkpoint folder here")
@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.config, overrides)
+        if args.algo and args.out is None and not any(o.startswith("run.out=") for o in overrides):
+            # One config file serves both algorithms: each gets its own folder, `<run.out>-<algo>`.
+            cfg = load_config(args.config, [*overrides, f"run.out={cfg.run.out}-{args.algo}"])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

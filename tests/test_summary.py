@@ -235,7 +235,7 @@ def test_eval_key_choice_and_common_steps():
 def test_metric_label():
     assert metric_label("eval/arithmetic-n2-d2-+-/accuracy") == "held-out accuracy (arithmetic-n2-d2-+-)"
     assert metric_label("eval/average/accuracy") == "held-out accuracy (mean over eval sets)"
-    assert metric_label("eval/aime24/test_score") == "held-out test score (aime24)"
+    assert metric_label("eval/aime24/reward") == "held-out mean reward (aime24)"
     assert metric_label("eval/dapo/math/accuracy") == "held-out accuracy (dapo/math)"
     assert metric_label("reward/mean") == "reward/mean"
 

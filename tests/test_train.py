@@ -329,8 +329,8 @@ def test_evaluation_reports_each_eval_set_and_generates_in_chunks(policy_dir, mo
                    jax.random.key(0))
     assert generated == [2, 2, 1]  # chunk_size problems per call, whatever the eval sets' sizes
     assert task.graded == [2 * 3, 2 * 3, 1 * 3]
-    assert list(out) == ["eval/average/accuracy", "eval/average/test_score", "eval/first/accuracy",
-                         "eval/first/test_score", "eval/rest/accuracy", "eval/rest/test_score"]
+    assert list(out) == ["eval/average/accuracy", "eval/average/reward", "eval/first/accuracy",
+                         "eval/first/reward", "eval/rest/accuracy", "eval/rest/reward"]
     assert out["eval/average/accuracy"] == pytest.approx((out["eval/first/accuracy"] + out["eval/rest/accuracy"]) / 2)
     assert all(0.0 <= v <= 1.0 for v in out.values())
 

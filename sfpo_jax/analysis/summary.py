@@ -110,12 +110,12 @@ def find_eval_key(runs: Mapping[Any, Mapping[Any, Rows]]) -> str:
 
 def metric_label(key: str) -> str:
     """A readable axis label for an eval key: ``eval/<set>/accuracy`` → ``held-out accuracy (<set>)``,
-    ``eval/average/accuracy`` → ``held-out accuracy (mean over eval sets)``, ``eval/<set>/test_score`` →
-    ``held-out test score (<set>)``; any other key as it is."""
+    ``eval/average/accuracy`` → ``held-out accuracy (mean over eval sets)``, ``eval/<set>/reward`` →
+    ``held-out mean reward (<set>)``; any other key as it is."""
     parts = key.split("/")
     if len(parts) >= 3 and parts[0] == "eval":
         name, metric = "/".join(parts[1:-1]), parts[-1]
-        what = {"accuracy": "held-out accuracy", "test_score": "held-out test score"}.get(metric)
+        what = {"accuracy": "held-out accuracy", "reward": "held-out mean reward"}.get(metric)
         if what is not None:
             return f"{what} ({'mean over eval sets' if name == 'average' else name})"
     return key

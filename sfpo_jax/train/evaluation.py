@@ -37,10 +37,11 @@ def evaluate(sampler: Sampler, params, eval_sets: dict[str, list[Problem]], enco
       key: chunk ``i`` samples with ``fold_in(key, i)``.
 
     Returns:
-      Per set, ``eval/<set>/accuracy`` (the fraction of correct samples) and ``eval/<set>/test_score`` (the mean
-      reward: the official trainer's ``val/test_score/<set>`` under the paper's 1 / 0.1 / 0 reward); with
-      several sets, first ``eval/average/accuracy`` and ``eval/average/test_score``, the unweighted means over
-      the sets (the paper's "Avg." column).
+      Per set, ``eval/<set>/accuracy``, the fraction of samples with a reward >= 1 (the official trainer's
+      ``val/test_score/<set>``, which zeroes the paper reward's scores below 0.95 before averaging: the curves lay
+      over the paper's), and ``eval/<set>/reward``, the mean reward (with the paper's 1 / 0.1 / 0 reward it also
+      credits boxed wrong answers); with several sets, first ``eval/average/accuracy`` and
+      ``eval/average/reward``, the unweighted means over the sets (the paper's "Avg." column).
     """
     k, count = sampling.num_samples, jax.process_count()
     problems = [p for ps in eval_sets.values() for p in ps]
@@ -60,10 +61,10 @@ def evaluate(sampler: Sampler, params, eval_sets: dict[str, list[Problem]], enco
     out, start = {}, 0
     for name, ps in eval_sets.items():
         r = rewards[start : start + len(ps)]
-        out[f"eval/{name}/accuracy"], out[f"eval/{name}/test_score"] = float((r >= 1.0).mean()), float(r.mean())
+        out[f"eval/{name}/accuracy"], out[f"eval/{name}/reward"] = float((r >= 1.0).mean()), float(r.mean())
         start += len(ps)
     if len(eval_sets) > 1:
         average = {f"eval/average/{m}": float(np.mean([out[f"eval/{name}/{m}"] for name in eval_sets]))
-                   for m in ("accuracy", "test_score")}
+                   for m in ("accuracy", "reward")}
         out = average | out
     return out
