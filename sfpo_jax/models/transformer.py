@@ -111,6 +111,26 @@ class Dense(nnx.Module):
         return y
 
 
+def einsum_f32(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`jnp.einsum(subscripts, a, b)` with a float32 result, for products whose result must keep float32 precision
+    (attention scores, logits) whatever the compute dtype.
+
+    Float32 operands: the plain float32 product. Lower-precision operands (bfloat16): on GPU / TPU one product of
+    the operands as they are, accumulated and returned in float32 (`preferred_element_type`, what their matrix
+    units do natively); on CPU the operands are upcast to float32 first, the same numbers (a product of two bfloat16
+    values is exact in float32), because XLA:CPU runs a bfloat16 x bfloat16 -> float32 product only when its
+    YNNPACK dot fusion takes it and otherwise fails (its Eigen dot has no such kernel: "Unsupported element type
+    for DotThunk::Execute: BF16 x BF16 = F32", e.g. the batched attention-score product of a prompt). XLA:CPU
+    upcasts bfloat16 products to float32 anyway, so this costs it nothing. The platform is chosen when the
+    program is lowered (`lax.platform_dependent`), not from the default backend.
+    """
+    if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+        return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
+    return lax.platform_dependent(
+        a, b, cpu=lambda a, b: jnp.einsum(subscripts, a.astype(jnp.float32), b.astype(jnp.float32)),
+        default=lambda a, b: jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32))
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention without repeating k/v.
 
@@ -128,12 +148,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
         # matrix products per (row, kv head), which XLA:CPU runs on its fast dot kernels (with the axis, the score
         # product fell back to a generic batched dot at ~3× the cost).
         q = q.reshape(b, kvh, h // kvh, d)
-        scores = jnp.einsum("bkgd,bkds->bkgs", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+        scores = einsum_f32("bkgd,bkds->bkgs", q, k) * (d ** -0.5)
         scores = jnp.where(mask[:, None], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bkgs,bksd->bkgd", probs, v).reshape(b, t, h, d)
     q = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bkds->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = einsum_f32("btkgd,bkds->bkgts", q, k) * (d ** -0.5)
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, h, d)
@@ -274,14 +294,11 @@ class CausalLM(nnx.Module):
         if self.lm_head is None and t == 1:
             # Decode step: with the [V, E] table as the left operand XLA:CPU streams it about 1.7× faster than as a
             # transposed right operand; the [V, B] result is small to transpose.
-            logits = jnp.einsum("ve,bte->vbt", self.embed_tokens[...].astype(self.dtype), x,
-                                preferred_element_type=jnp.float32).transpose(1, 2, 0)
+            logits = einsum_f32("ve,bte->vbt", self.embed_tokens[...].astype(self.dtype), x).transpose(1, 2, 0)
         elif self.lm_head is None:
-            logits = jnp.einsum("bte,ve->btv", x, self.embed_tokens[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = einsum_f32("bte,ve->btv", x, self.embed_tokens[...].astype(self.dtype))
         else:
-            logits = jnp.einsum("bte,ev->btv", x, self.lm_head.kernel[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+            logits = einsum_f32("bte,ev->btv", x, self.lm_head.kernel[...].astype(self.dtype))
         if cache is None:
             return logits
         new_cache = KVCache(k=kv[0], v=kv[1], mask=kv_mask, num_tokens=cache.num_tokens + mask.sum(-1, jnp.int32),
