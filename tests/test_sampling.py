@@ -1,5 +1,5 @@
 """Sampler against the full (uncached) forward: greedy argmax, log-probs, EOS, top-k/top-p sets, sample layout,
-determinism, compile counts, the params override, sharded meshes and input errors."""
+determinism, compile counts, the params override, prompt lengths and chunking, sharded meshes and input errors."""
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,8 @@ from sfpo_jax.sampling import (
     Rollout,
     Sampler,
     SamplingConfig,
+    concat_rollouts,
+    prompt_bucket,
     sample_logits,
     sample_with_logprobs,
     token_logprobs,
@@ -301,6 +303,93 @@ def test_prompt_longer_than_max_cache_length(model):
     np.testing.assert_array_equal(r.tokens, free.tokens)
 
 
+def test_prompt_bucket_is_the_next_default_bucket():
+    assert [prompt_bucket(n) for n in (1, 16, 17, 100, 1024, 1025, 32768)] == [16, 16, 32, 128, 1024, 2048, 32768]
+    assert prompt_bucket(40_000) == 40_000 and prompt_bucket(np.int64(3)) == 16
+    for bad in (0, -1, True, 2.5, "8"):
+        with pytest.raises(ValueError, match="longest"):
+            prompt_bucket(bad)
+
+
+def test_prompt_length_pads_to_exactly_that_many_columns(model, sampler):
+    config = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    bucketed = sampler.generate(PROMPTS, config, jax.random.key(0))  # longest 12: the 16 bucket
+    for length in (12, 20, 40):
+        r = sampler.generate(PROMPTS, config, jax.random.key(0), prompt_length=length)
+        assert r.prompt_tokens.shape == (len(PROMPTS), length)
+        for i, prompt in enumerate(PROMPTS):
+            np.testing.assert_array_equal(r.prompt_tokens[i, length - len(prompt):], prompt)
+            assert r.prompt_mask[i].sum() == len(prompt) and (r.prompt_tokens[i, : length - len(prompt)] == PAD).all()
+        # Padding is masked out: the same completions as with the bucket's padding.
+        np.testing.assert_array_equal(r.tokens, bucketed.tokens)
+        np.testing.assert_allclose(r.logprobs, bucketed.logprobs, atol=1e-5)
+    # An explicit length beats the constructor's buckets, and the max_cache_length clamp still applies.
+    assert Sampler(model, prompt_buckets=(64,)).generate(PROMPTS, config, jax.random.key(0),
+                                                         prompt_length=12).prompt_tokens.shape == (4, 12)
+    clamped = Sampler(model, max_cache_length=30).generate(PROMPTS, config, jax.random.key(0), prompt_length=28)
+    assert clamped.prompt_tokens.shape == (4, 24)  # 30 - 6 new tokens
+    np.testing.assert_array_equal(clamped.tokens, bucketed.tokens)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt_length=11), r"prompt_length=11 is shorter than the longest prompt \(12 tokens\)"),
+    (dict(prompt_length=12.0), "prompt_length=12.0 must be an int"),
+    (dict(prompt_length=True), "prompt_length=True must be an int"),
+    (dict(chunk_size=0), "chunk_size=0"),
+    (dict(chunk_size=2.0), "chunk_size=2.0"),
+    (dict(chunk_size=False), "chunk_size=False"),
+])
+def test_generate_argument_validation(model, kwargs, match):
+    sampler = Sampler(model)
+    with pytest.raises(ValueError, match=match):
+        sampler.generate(PROMPTS, SamplingConfig(4), jax.random.key(0), **kwargs)
+    assert sampler.num_traces == 0
+
+
+def test_chunked_generation_is_the_chunks_rollouts_concatenated(model):
+    """`chunk_size`: chunk i keyed `fold_in(key, i)`, all chunks at the whole batch's prompt length (so equal chunks
+    share one program), concatenated; a chunk size covering the batch is the unchunked call, bit for bit."""
+    prompts = [[5, 17, 3], [11, 12], [60] * 20, [i % VOCAB + 1 for i in range(9)], [7, 8, 9, 10], [3]]
+    sampler = Sampler(model, pad_token_id=PAD)
+    config = SamplingConfig(max_new_tokens=6, num_samples=2)
+    key = jax.random.key(7)
+    chunked = sampler.generate(prompts, config, key, chunk_size=2)
+    # Chunks 0 and 2 alone would pad to 16, chunk 1 to 32: all are padded to the batch's 32, one program.
+    assert chunked.prompt_tokens.shape == (12, 32) and len(sampler._programs) == 1 and sampler.num_traces == 2
+    parts = [sampler.generate(prompts[i: i + 2], config, jax.random.fold_in(key, c), prompt_length=32)
+             for c, i in enumerate(range(0, 6, 2))]
+    for name, whole, *pieces in zip(chunked._fields, chunked, *parts, strict=True):
+        np.testing.assert_array_equal(whole, np.concatenate(pieces), err_msg=name)
+    assert not np.array_equal(parts[0].tokens, parts[2].tokens)  # each chunk drew its own key
+    assert sampler.num_traces == 2
+    whole = sampler.generate(prompts, config, key)
+    for chunk_size in (None, 6, 9):
+        for name, a, b in zip(whole._fields, whole, sampler.generate(prompts, config, key, chunk_size=chunk_size),
+                              strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name}, chunk_size={chunk_size}")
+    # A smaller last chunk (4 + 2 prompts), and an explicit prompt length shared by the chunks.
+    r = sampler.generate(prompts, config, key, chunk_size=4, prompt_length=40)
+    assert r.tokens.shape == (12, 6) and r.prompt_tokens.shape == (12, 40)
+    first = sampler.generate(prompts[:4], config, jax.random.fold_in(key, 0), prompt_length=40)
+    np.testing.assert_array_equal(r.tokens[:8], first.tokens)
+
+
+def test_concat_rollouts_checks_widths(sampler):
+    a = sampler.generate(PROMPTS[:2], SamplingConfig(max_new_tokens=6), jax.random.key(0))
+    b = sampler.generate(PROMPTS[2:], SamplingConfig(max_new_tokens=6), jax.random.key(1))
+    both = concat_rollouts([a, b])
+    for name, x, y, z in zip(both._fields, a, b, both, strict=True):
+        np.testing.assert_array_equal(z, np.concatenate([x, y]), err_msg=name)
+    longer = sampler.generate(PROMPTS[:1], SamplingConfig(max_new_tokens=7), jax.random.key(0))
+    with pytest.raises(ValueError, match="trailing shape of tokens"):
+        concat_rollouts([a, longer])
+    wider = sampler.generate(PROMPTS[:1], SamplingConfig(max_new_tokens=6), jax.random.key(0), prompt_length=20)
+    with pytest.raises(ValueError, match="trailing shape of prompt_tokens"):
+        concat_rollouts([a, wider])
+    with pytest.raises(ValueError, match="at least one"):
+        concat_rollouts([])
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=0), "max_new_tokens=0"),
     (dict(max_new_tokens=4, temperature=-1.0), "temperature=-1.0"),
@@ -324,3 +413,5 @@ def test_sampling_config_validation(kwargs, match):
 def test_sampler_argument_validation(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Sampler(model, **kwargs)
+    with pytest.raises(TypeError, match="prompt_length"):  # functions gave way to generate(prompt_length=...)
+        Sampler(model, prompt_buckets=lambda n: 64)

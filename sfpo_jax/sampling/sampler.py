@@ -1,20 +1,25 @@
 """Batched generation with a KV cache: one prefill pass, then a `lax.while_loop` decode loop, both jitted.
 
-A call to `Sampler.generate` left-pads the prompts to a bucketed length P and the batch to a bucketed size B, so a
-training run compiles one (prefill, decode) pair per (B, P, sampling settings), not one per batch. The prefill
-writes the first P-1 prompt columns into a fresh cache of that length, extends it to the full cache length S and
-returns only the cache (so no `[B, P, V]` logits are ever computed); the decode program, which receives the cache
-donated, starts by feeding the last prompt column (real for every row, since prompts are left-padded) and then feeds
-back each sampled token.
+A call to `Sampler.generate` left-pads the prompts to a bucketed length P (`prompt_bucket`, or the caller's
+`prompt_length`) and the batch to a bucketed size B, so a training run compiles one (prefill, decode) pair per
+(B, P, sampling settings), not one per batch; `chunk_size` splits a large batch into calls of bounded memory that
+share P (so equal chunks share one program). The prefill writes the first P-1 prompt columns into a fresh cache of
+that length, extends it to the full cache length S and returns only the cache (so no `[B, P, V]` logits are ever
+computed); the decode program, which receives the cache donated, starts by feeding the last prompt column (real for
+every row, since prompts are left-padded) and then feeds back each sampled token.
+
+Precision: the programs compute in the model's compute dtype (`CausalLM.dtype`): float params (e.g. float32 masters
+of a bfloat16-compute model) are cast to it once per `generate` call, and the KV cache is in it; logits, sampling
+and log-probs are float32.
 
 Sharding: with a `mesh`, params follow their logical axes (`sfpo_jax.parallel.param_shardings`), the batch is
 split over the axes of the `batch` rule (data, fsdp) and the cache's kv heads over `tensor`; the jitted programs
 carry these as explicit `in_shardings` / `out_shardings`.
 
-Multi-host: every process calls `generate` with its own prompts (the same number on each, and a prompt bucket
-that does not depend on the local prompts, e.g. `prompt_buckets=lambda n: 1024`); the local batches become one
-global array with `jax.make_array_from_process_local_data`, and each process gets back the `Rollout` of its
-own prompts.
+Multi-host: every process calls `generate` with its own prompts (the same number on each) and the same
+`prompt_length`, one that does not depend on the local prompts (`prompt_length=prompt_bucket(global_longest)`, the
+longest prompt of all processes); the local batches become one global array (`sfpo_jax.parallel.to_global`), and
+each process gets back the `Rollout` of its own prompts.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -38,6 +43,18 @@ from sfpo_jax.sampling.config import SamplingConfig
 from sfpo_jax.sampling.ops import sample_with_logprobs
 
 DEFAULT_PROMPT_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 … 32768
+
+
+def prompt_bucket(longest: int) -> int:
+    """The default padded prompt length of a batch whose longest prompt has `longest` tokens: the smallest of
+    `DEFAULT_PROMPT_BUCKETS` (16, 32, …, 32768) that fits, or `longest` itself beyond the largest.
+
+    A multi-host caller passes `prompt_length=prompt_bucket(global_longest)` to `Sampler.generate`, so that every
+    process pads to the same length whatever its own prompts.
+    """
+    if isinstance(longest, bool) or not isinstance(longest, int | np.integer) or longest < 1:
+        raise ValueError(f"longest={longest!r} must be a positive int")
+    return next((b for b in DEFAULT_PROMPT_BUCKETS if b >= longest), int(longest))
 
 
 class FinishReason(enum.IntEnum):
@@ -80,8 +97,8 @@ def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
     """One `Rollout` holding the rows of `rollouts` in order, every field concatenated along axis 0 (e.g. a batch
     sampled in several `Sampler.generate` calls).
 
-    Every rollout must have the same prompt width P (the same prompt bucket) and the same `max_new_tokens`;
-    ValueError otherwise, naming the field.
+    Every rollout must have the same prompt width P (the same prompt length) and the same `max_new_tokens`;
+    ValueError otherwise, naming the field. (`Sampler.generate(chunk_size=...)` uses it for its chunks.)
     """
     if not rollouts:
         raise ValueError("concat_rollouts needs at least one rollout")
@@ -89,7 +106,7 @@ def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
         widths = {getattr(r, name).shape[1:] for r in rollouts}
         if len(widths) > 1:
             raise ValueError(f"rollouts differ in the trailing shape of {name}: {sorted(widths)} (sample them "
-                             "with one prompt bucket and one max_new_tokens)")
+                             "with one prompt length and one max_new_tokens)")
     return Rollout(*(np.concatenate(fields, axis=0) for fields in zip(*rollouts, strict=True)))
 
 
@@ -120,9 +137,9 @@ class Sampler:
       mesh: a `jax.sharding.Mesh` from `sfpo_jax.parallel.make_mesh`; None runs on the default device.
       rules: logical-axis rules (default `sfpo_jax.parallel.DEFAULT_RULES`).
       pad_token_id: the id written to padding (left of prompts, after completions).
-      prompt_buckets: increasing prompt lengths to pad to (the smallest that fits), or a function
-        `longest_prompt_length -> padded_length`.
-      max_cache_length: cache slots per row; by default the prompt bucket plus `max_new_tokens`. Setting it
+      prompt_buckets: increasing prompt lengths to pad to (the smallest that fits; longer prompts are rejected);
+        None pads to `prompt_bucket(longest)`. `generate(prompt_length=...)` overrides either.
+      max_cache_length: cache slots per row; by default the prompt length plus `max_new_tokens`. Setting it
         fixes the decode program's cache size, and prompts longer than `max_cache_length - max_new_tokens` are
         rejected.
       batch_multiple: the batch is padded to a multiple of this (and of the number of batch shards), so that
@@ -130,13 +147,16 @@ class Sampler:
     """
 
     def __init__(self, model: nnx.Module, *, mesh: Mesh | None = None, rules: Mapping | None = None,
-                 pad_token_id: int = 0, prompt_buckets: Sequence[int] | Callable[[int], int] = DEFAULT_PROMPT_BUCKETS,
+                 pad_token_id: int = 0, prompt_buckets: Sequence[int] | None = None,
                  max_cache_length: int | None = None, batch_multiple: int = 8):
         self.model = model
         self.vocab_size = model.config.vocab_size
         if not isinstance(pad_token_id, int) or not 0 <= pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id={pad_token_id!r} must be an id in [0, {self.vocab_size})")
-        if not callable(prompt_buckets):
+        if prompt_buckets is not None:
+            if callable(prompt_buckets):
+                raise TypeError("prompt_buckets must be a sequence of ints (a function is no longer accepted: pass "
+                                "generate(..., prompt_length=...) instead)")
             prompt_buckets = tuple(prompt_buckets)
             if not prompt_buckets or any(not isinstance(b, int) or b < 1 for b in prompt_buckets) or list(
                     prompt_buckets) != sorted(set(prompt_buckets)):
@@ -151,6 +171,8 @@ class Sampler:
         self.max_cache_length = max_cache_length
         self._graphdef, state = nnx.split(model)
         self._param_shardings = None if mesh is None else param_shardings(state, mesh, rules)
+        self.compute_dtype = getattr(model, "dtype", None)
+        self._cast = None  # the jitted cast of float params to the compute dtype, built on first use
         batch_shards = 1
         if mesh is not None:
             spec = logical_sharding(mesh, ("batch",), rules).spec[0]
@@ -158,23 +180,20 @@ class Sampler:
             batch_shards = math.prod(mesh.shape[a] for a in axes)
         self.batch_multiple = math.lcm(batch_multiple, batch_shards)
         self._programs: dict[tuple, _Program] = {}
-        self.num_traces = 0  # how many times a program was traced (= compiled): tests and logs read it
+        self.num_traces = 0  # how many times a prefill / decode program was traced (= compiled): tests, logs
 
     # ----------------------------------------------------------------------------------------------- shapes
     def _prompt_bucket(self, longest: int) -> int:
-        if callable(self.prompt_buckets):
-            padded = self.prompt_buckets(longest)
-            if not isinstance(padded, int | np.integer) or padded < longest:
-                raise ValueError(f"prompt_buckets({longest}) returned {padded!r}, not an int >= {longest}")
-            return int(padded)
+        if self.prompt_buckets is None:
+            return prompt_bucket(longest)
         for b in self.prompt_buckets:
             if b >= longest:
                 return b
         raise ValueError(f"a prompt of {longest} tokens is longer than the largest of prompt_buckets="
                          f"{self.prompt_buckets}")
 
-    def _shapes(self, prompts, config: SamplingConfig) -> tuple[int, int, int]:
-        """(batch B, prompt length P, cache length S) after bucketing; raises on bad input."""
+    def _lengths(self, prompts, config: SamplingConfig, prompt_length: int | None) -> tuple[int, int]:
+        """(prompt length P, cache length S) of the whole batch; raises on bad input."""
         if not isinstance(config, SamplingConfig):
             raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
         if isinstance(prompts, np.ndarray | jax.Array) or not isinstance(prompts, Sequence) or not prompts:
@@ -197,14 +216,17 @@ class Sampler:
         if longest + new > limit:
             raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={new} does not fit in the cache "
                              f"({name}={limit})")
-        p = self._prompt_bucket(longest)
-        if self.max_cache_length:
-            p, s = min(p, self.max_cache_length - new), self.max_cache_length
+        if prompt_length is None:
+            p = self._prompt_bucket(longest)
+        elif isinstance(prompt_length, bool) or not isinstance(prompt_length, int | np.integer):
+            raise ValueError(f"prompt_length={prompt_length!r} must be an int")
+        elif prompt_length < longest:
+            raise ValueError(f"prompt_length={prompt_length} is shorter than the longest prompt ({longest} tokens)")
         else:
-            s = p + new
-        n = len(prompts) * config.num_samples
-        b = -(-n // self.batch_multiple) * self.batch_multiple
-        return b, p, s
+            p = int(prompt_length)
+        if self.max_cache_length:
+            return min(p, self.max_cache_length - new), self.max_cache_length
+        return p, p + new
 
     # --------------------------------------------------------------------------------------------- programs
     def _program(self, b: int, p: int, s: int, spec: _DecodeSpec) -> _Program:
@@ -255,9 +277,23 @@ class Sampler:
             x = multihost_utils.global_array_to_host_local_array(x, self.mesh, x.sharding.spec)
         return np.asarray(x)
 
+    def _compute_params(self, state):
+        """`state` with every float leaf in the compute dtype (once per `generate` call, so that neither program
+        casts a weight per decode step); `state` itself when nothing needs a cast (params already in it)."""
+        dtype = self.compute_dtype
+        needs = lambda x: jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype
+        if dtype is None or not any(needs(x) for x in jax.tree.leaves(state)):
+            return state
+        if self._cast is None:
+            cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype) if needs(x) else x, tree)
+            placed = {} if self._param_shardings is None else {"out_shardings": self._param_shardings}
+            self._cast = jax.jit(cast, **placed)
+        return self._cast(state)
+
     # ------------------------------------------------------------------------------------------------ generate
     def generate(self, prompts: Sequence[Sequence[int]], config: SamplingConfig, key: jax.Array, *,
-                 params: nnx.State | None = None) -> Rollout:
+                 params: nnx.State | None = None, prompt_length: int | None = None,
+                 chunk_size: int | None = None) -> Rollout:
         """Samples `config.num_samples` completions of every prompt.
 
         Args:
@@ -266,14 +302,41 @@ class Sampler:
           key: a PRNG key; the same key gives the same rollout.
           params: an `nnx.State` of the same model (`nnx.state(model)` / `nnx.split(model)[1]`, e.g. updated by
             the trainer) to sample with instead of the model's current state; only the values may differ, so
-            this never recompiles.
+            this never recompiles. Float leaves are cast to the model's compute dtype (once per call).
+          prompt_length: pad the prompts to exactly this many columns instead of the bucket of the longest
+            (`prompt_bucket`, or the constructor's `prompt_buckets`); at least the longest prompt's length
+            (ValueError otherwise). With `max_cache_length` it is clamped to `max_cache_length - max_new_tokens`
+            like a bucket. Multi-host callers pass the same value on every process.
+          chunk_size: sample at most this many prompts per (prefill, decode) call, so that memory is bounded
+            whatever the batch size: chunk `i` (prompts `[i * chunk_size, (i + 1) * chunk_size)`) samples with
+            `jax.random.fold_in(key, i)`. None, or at least `len(prompts)`, is one call with `key` itself (the
+            unchunked rollout, bit for bit). All chunks are padded to the whole batch's prompt length, so equal
+            chunks reuse one compiled program (a smaller last chunk may compile one more), and the rollout is the
+            chunks' rollouts concatenated.
         Returns:
           A `Rollout` of N = len(prompts) · num_samples rows, group by group.
         """
-        b, p, s = self._shapes(prompts, config)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size={chunk_size!r} must be a positive int or None")
+        p, s = self._lengths(prompts, config, prompt_length)
         spec = _DecodeSpec(config.max_new_tokens, float(config.temperature), config.top_k, float(config.top_p),
                            config.eos_token_ids, self.pad_token_id)
+        state = nnx.state(self.model) if params is None else params
+        if self._param_shardings is not None:
+            state = jax.device_put(state, self._param_shardings)  # no copy when already placed so
+        state = self._compute_params(state)
+        if chunk_size is None or len(prompts) <= chunk_size:
+            return self._generate(prompts, config, key, state, spec, p, s)
+        return concat_rollouts([
+            self._generate(prompts[start : start + chunk_size], config, jax.random.fold_in(key, i), state, spec, p, s)
+            for i, start in enumerate(range(0, len(prompts), chunk_size))])
+
+    def _generate(self, prompts, config: SamplingConfig, key, state, spec: _DecodeSpec, p: int, s: int) -> Rollout:
+        """One (prefill, decode) call on `prompts` padded to `p` columns, with `state` already in the compute dtype
+        and placed."""
         n = len(prompts) * config.num_samples
+        b = -(-n // self.batch_multiple) * self.batch_multiple
         ids = np.full((b, p), self.pad_token_id, np.int32)
         mask = np.zeros((b, p), bool)
         for i, prompt in enumerate(prompts):
@@ -283,9 +346,6 @@ class Sampler:
         mask[n:, -1] = True  # batch padding rows: one real (pad) token, so every row's last column is real
 
         prog = self._program(b, p, s, spec)
-        state = nnx.state(self.model) if params is None else params
-        if self._param_shardings is not None:
-            state = jax.device_put(state, self._param_shardings)  # no copy when already placed so
         cache = prog.prefill(state, self._put(ids[:, :-1], prog.batch_sharding),
                              self._put(mask[:, :-1], prog.batch_sharding))
         # The final cache is returned only so that the donated one can be updated in place; it is dropped here.
