@@ -41,7 +41,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from sfpo_jax.rewards.extract import last_boxed, verl_boxed
+from sfpo_jax.rewards import last_boxed, verl_boxed
 
 
 class DatasetFormatError(ValueError):
