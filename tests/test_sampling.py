@@ -1,5 +1,7 @@
-"""Sampler against the full (uncached) forward: greedy argmax, log-probs, EOS, top-k/top-p sets, sample layout,
-determinism, compile counts, the params override, prompt lengths and chunking, sharded meshes and input errors."""
+"""Sampler against the full (uncached) forward: greedy argmax, log-probs, EOS, top-k/top-p sets (exactly against
+transformers' warpers, and their sampled frequencies), sample layout, determinism, compile counts, the params
+override, prompt lengths and chunking, sharded meshes and input errors. Precisions other than float32:
+test_precision.py."""
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,7 @@ from sfpo_jax.sampling import (
     sample_with_logprobs,
     token_logprobs,
 )
-from sfpo_jax.sampling.ops import argmax
+from sfpo_jax.sampling.ops import argmax, filter_logits
 
 VOCAB = 96
 CONFIG = ModelConfig("qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -210,6 +212,129 @@ def test_sample_logits_matches_softmax_frequencies(temperature):
         # Every frequency within 5 binomial standard deviations (plus a floor for tiny probabilities).
         sigma = np.sqrt(probs[row] * (1 - probs[row]) / draws)
         np.testing.assert_array_less(np.abs(freq - probs[row]), 5 * sigma + 2e-4)
+
+
+def hf_kept(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
+    """The tokens transformers' `TopKLogitsWarper` then `TopPLogitsWarper` keep (the independent reference), `[B, V]`
+    bool."""
+    torch = pytest.importorskip("torch")
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = torch.from_numpy(np.array(logits, np.float32))
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.isfinite(scores).numpy()
+
+
+def tie_closure(logits: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """`kept` plus every token tied with its smallest kept logit: transformers' top-p keeps an arbitrary part of a
+    tie at the boundary (whichever its sort puts last), `filter_logits` all of it."""
+    return logits >= np.where(kept, logits, np.inf).min(-1, keepdims=True)
+
+
+def boundary_is_ambiguous(logits: np.ndarray, top_k: int, top_p: float, tol: float = 1e-5) -> np.ndarray:
+    """`[B]`: rows where the mass before some distinct logit value but the largest (in float64, after top-k) is
+    within `tol` of top_p, so that float32 rounding decides whether that value is kept."""
+    out = np.zeros(len(logits), bool)
+    if top_p >= 1:
+        return out
+    for i, row in enumerate(logits.astype(np.float64)):
+        if top_k:
+            row = np.where(row >= np.sort(row)[-min(top_k, row.size)], row, -np.inf)
+        probs = np.exp(row - row.max())
+        probs /= probs.sum()
+        levels = np.unique(row[np.isfinite(row)])[:-1]  # the largest is always kept (nothing before it)
+        before = np.array([probs[row > v].sum() for v in levels])
+        out[i] = np.any(np.abs(before - top_p) < tol)
+    return out
+
+
+def edge_case_logits(vocab: int = 300) -> np.ndarray:
+    """Rows of `[N, vocab]` float32 logits: tie-free random ones first (`TIE_FREE` rows), then ties of every kind."""
+    rng = np.random.default_rng(0)
+    rows = [3.0 * rng.standard_normal((TIE_FREE, vocab))]
+    rows.append(rng.integers(-3, 3, (60, vocab)).astype(np.float64))  # ties everywhere, at every boundary
+    uniform = np.zeros((1, vocab))  # one big tie
+    two_max = rng.standard_normal((1, vocab))
+    two_max[0, [3, 200]] = 10.0  # two tied maxima
+    peaked = rng.standard_normal((1, vocab))
+    peaked[0, 7] = 60.0  # one-hot to float precision
+    masked = 2.0 * rng.standard_normal((1, vocab))
+    masked[0, ::2] = -np.inf  # half the vocabulary excluded already
+    # Ties exactly at the k-th largest value for k = 1, 3, 5, 50, and a distribution with mass 0.5, 0.25, 0.25.
+    kth_ties = np.sort(rng.standard_normal((4, vocab)), -1)[:, ::-1].copy()
+    for row, k in zip(kth_ties, (1, 3, 5, 50), strict=True):
+        row[k - 1: k + 2] = row[k - 1]
+    halves = np.full((1, vocab), -np.inf)
+    halves[0, [10, 20, 30]] = np.log([0.5, 0.25, 0.25])
+    rows += [uniform, two_max, peaked, masked, kth_ties, halves]
+    return np.concatenate(rows).astype(np.float32)
+
+
+TIE_FREE = 200
+FILTERS = [(k, p) for k in (0, 1, 3, 5, 50, 400) for p in (1.0, 0.95, 0.7, 0.3, 1e-6) if (k, p) != (0, 1.0)]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_filter_logits_keeps_exactly_the_transformers_warpers_set(temperature):
+    """The kept set of every top-k / top-p combination against transformers' warpers (temperature first, as
+    `TemperatureLogitsWarper` does): exactly on tie-free rows; on tied rows up to the tie at top-p's boundary that
+    transformers splits arbitrarily (`tie_closure`); rows whose float64 top-p boundary lies within 1e-5 of top_p
+    (float32 rounding decides) are skipped, and there must be few."""
+    logits = edge_case_logits() / np.float32(temperature)
+    filtered = jax.jit(filter_logits, static_argnames=("top_k", "top_p"))
+    skipped = 0
+    for top_k, top_p in FILTERS:
+        ours = np.isfinite(np.asarray(filtered(jnp.asarray(logits), top_k=top_k, top_p=top_p)))
+        ref = hf_kept(logits, top_k, top_p)
+        ambiguous = boundary_is_ambiguous(logits, top_k, top_p)
+        skipped += ambiguous.sum()
+        ok = ~ambiguous
+        np.testing.assert_array_equal(ours[:TIE_FREE][ok[:TIE_FREE]], ref[:TIE_FREE][ok[:TIE_FREE]],
+                                      err_msg=f"tie-free rows, top_k={top_k}, top_p={top_p}")
+        if top_p >= 1:  # transformers' top-k is a threshold on the values: ties at the k-th value are all kept
+            np.testing.assert_array_equal(ours, ref, err_msg=f"top_k={top_k}")
+        np.testing.assert_array_equal(ours[ok], tie_closure(logits, ref)[ok],
+                                      err_msg=f"top_k={top_k}, top_p={top_p}")
+        assert ours.sum(-1).min() >= 1
+    assert skipped <= 0.01 * len(FILTERS) * len(logits), skipped
+    # The hand-made cases, spelled out (temperature 1): ties at the k-th value kept, the token crossing top_p kept,
+    # the one after it not, a tie at top-p's boundary kept whole.
+    row = jnp.asarray([[5.0, 4.0, 4.0, 4.0, 1.0, 0.0]])
+    keep = lambda **kw: np.flatnonzero(np.isfinite(np.asarray(filter_logits(row, **kw)))[0]).tolist()
+    assert keep(top_k=2) == [0, 1, 2, 3] and keep(top_k=1) == [0] and keep(top_k=5) == [0, 1, 2, 3, 4]
+    probs = np.asarray(jax.nn.softmax(row))[0]  # 0.470, 0.173 (x3), 0.0086, 0.0032
+    assert keep(top_p=float(probs[0])) == [0]  # the mass before token 1 is exactly top_p: not kept
+    assert keep(top_p=float(probs[0]) + 1e-3) == [0, 1, 2, 3]  # token 1 crosses top_p, its ties come along
+    assert keep(top_p=0.99) == [0, 1, 2, 3, 4] and keep(top_p=1e-6) == [0]  # 0.988 before token 4, 0.997 after
+    assert keep(top_k=3, top_p=0.5) == [0, 1, 2, 3]  # top-p after the tie-inclusive top-k
+
+
+@pytest.mark.parametrize("controls", [dict(top_k=20), dict(top_p=0.7), dict(top_k=50, top_p=0.9),
+                                      dict(temperature=0.7, top_p=0.7)])
+def test_top_k_top_p_sampling_frequencies(controls):
+    """Draws with a fixed key against the renormalised softmax over transformers' kept set: nothing outside it is
+    ever drawn, and a chi-square statistic over the kept tokens stays within 5 standard deviations of its mean."""
+    controls = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, **controls}
+    vocab, draws = 700, 20_000
+    logits = np.array(2.0 * jax.random.normal(jax.random.key(0), (3, vocab)))
+    logits[2, 100:110] = logits[2].max()  # a 10-way tie at the top
+    keys = jax.random.split(jax.random.key(1), draws)
+    tokens = np.asarray(jax.jit(jax.vmap(lambda k: sample_logits(k, jnp.asarray(logits), **controls)))(keys))
+    scaled = logits / np.float32(controls["temperature"])
+    kept = tie_closure(scaled, hf_kept(scaled, controls["top_k"], controls["top_p"]))
+    for row in range(3):
+        probs = np.where(kept[row], np.exp(scaled[row] - scaled[row].max()), 0.0)
+        probs /= probs.sum()
+        counts = np.bincount(tokens[:, row], minlength=vocab)
+        assert counts[~kept[row]].sum() == 0, np.flatnonzero(counts * ~kept[row])
+        dof = kept[row].sum() - 1
+        assert 1 <= dof < vocab / 2  # the filter is not vacuous
+        expected = draws * probs[kept[row]]
+        chi2 = np.sum((counts[kept[row]] - expected) ** 2 / expected)
+        assert abs(chi2 - dof) < 5 * np.sqrt(2 * dof) + 5, (row, chi2, dof)
 
 
 def test_num_samples_layout_and_determinism(sampler):

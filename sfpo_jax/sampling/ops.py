@@ -70,31 +70,49 @@ def sample_logits(key: jax.Array, logits: jax.Array, *, temperature: float, top_
       key: a PRNG key (unused when `temperature == 0`).
       logits: `[B, V] float32` raw logits.
       temperature, top_k, top_p: Python scalars (static: each combination is its own program), see
-        `SamplingConfig`.
+        `SamplingConfig`; the kept tokens are `filter_logits`'.
     Returns:
       `[B] int32` token ids.
     """
     if temperature == 0:
         return argmax(logits)
     scaled = logits.astype(jnp.float32) / temperature
-    if top_k == 0 and top_p >= 1.0:
-        return categorical(key, scaled)  # no sort: the common RL setting
-    # Candidates sorted by decreasing logit: lax.top_k when k is set (already sorted, so top-p needs no second
-    # sort), a full sort only when top-p alone is asked for.
-    if top_k > 0:
-        values, indices = lax.top_k(scaled, min(top_k, scaled.shape[-1]))
+    return categorical(key, filter_logits(scaled, top_k=top_k, top_p=top_p))
+
+
+def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """`logits [B, V]` (already divided by the temperature) with the tokens that top-k, then top-p, rule out set
+    to `-inf`: the semantics of transformers' `TopKLogitsWarper` followed by `TopPLogitsWarper`.
+
+    top-k keeps every token whose logit is at least the k-th largest (so more than k on a tie at the k-th value);
+    top-p then keeps, in order of decreasing logit, each token while the probability mass before it (renormalised
+    over the tokens top-k kept) is below `top_p`: the smallest set reaching top_p, the token that crosses it
+    included. A token tied with the last one kept is kept too, where transformers keeps an arbitrary part of such a
+    tie (whichever its sort puts last); the kept set is thus `logits >= threshold` for a per-row threshold, a
+    function of the values alone, not of the token ids.
+    """
+    v = logits.shape[-1]
+    k = min(top_k, v)
+    if (k == 0 or k == v) and top_p >= 1.0:
+        return logits
+    if 0 < k < v:
+        values = lax.top_k(logits, k)[0]  # [B, k], decreasing
+        kth = values[:, -1:]
+        if top_p >= 1.0:
+            return jnp.where(logits >= kth, logits, -jnp.inf)
+        # Tokens tied with the k-th beyond the k that `top_k` returned are kept too, and weigh in top-p's softmax.
+        extra = jnp.sum(logits >= kth, axis=-1, keepdims=True) - k
     else:
-        iota = lax.broadcasted_iota(jnp.int32, scaled.shape, scaled.ndim - 1)
-        neg, indices = lax.sort((-scaled, iota), dimension=-1, num_keys=1)
-        values = -neg
-    if top_p < 1.0:
-        probs = jax.nn.softmax(values, axis=-1)
-        # Keep a candidate while the probability mass before it is below top_p: the smallest set reaching top_p
-        # (the most likely token is always kept).
-        before = jnp.cumsum(probs, axis=-1) - probs
-        values = jnp.where(before < top_p, values, -jnp.inf)
-    choice = categorical(key, values)
-    return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
+        values = -lax.sort(-logits, dimension=-1)  # decreasing
+        extra = 0
+    weights = jnp.exp(values - values[:, :1])
+    probs = weights / (jnp.sum(weights, axis=-1, keepdims=True) + extra * weights[:, -1:])
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens before each one
+    # The kept candidates are a prefix (the first one always: its `before` is 0 < top_p); `kept` counts them.
+    crossed = before >= top_p
+    kept = jnp.where(jnp.any(crossed, axis=-1), jnp.argmax(crossed, axis=-1), values.shape[-1])
+    threshold = jnp.take_along_axis(values, kept[:, None] - 1, axis=-1)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
 def sample_with_logprobs(key: jax.Array, logits: jax.Array, *, temperature: float, top_k: int = 0,
