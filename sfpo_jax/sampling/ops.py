@@ -70,14 +70,23 @@ def sample_logits(key: jax.Array, logits: jax.Array, *, temperature: float, top_
       key: a PRNG key (unused when `temperature == 0`).
       logits: `[B, V] float32` raw logits.
       temperature, top_k, top_p: Python scalars (static: each combination is its own program), see
-        `SamplingConfig`; the kept tokens are `filter_logits`'.
+        `SamplingConfig`; the tokens kept are `filter_logits`'.
     Returns:
       `[B] int32` token ids.
     """
     if temperature == 0:
         return argmax(logits)
     scaled = logits.astype(jnp.float32) / temperature
-    return categorical(key, filter_logits(scaled, top_k=top_k, top_p=top_p))
+    if _no_filter(scaled.shape[-1], top_k, top_p):
+        return categorical(key, scaled)  # no sort: the common RL setting
+    threshold, inside, values, indices = _threshold(scaled, top_k, top_p)
+
+    def among_candidates():
+        choice = categorical(key, jnp.where(values >= threshold, values, -jnp.inf))
+        return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
+
+    return lax.cond(jnp.all(inside), among_candidates,
+                    lambda: categorical(key, jnp.where(scaled >= threshold, scaled, -jnp.inf)))
 
 
 def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -89,30 +98,78 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
     over the tokens top-k kept) is below `top_p`: the smallest set reaching top_p, the token that crosses it
     included. A token tied with the last one kept is kept too, where transformers keeps an arbitrary part of such a
     tie (whichever its sort puts last); the kept set is thus `logits >= threshold` for a per-row threshold, a
-    function of the values alone, not of the token ids.
+    function of the values alone, not of the token ids. `sample_logits` draws from exactly this set.
+
+    Cost: the threshold comes from the largest logits (`lax.top_k` of top_k, or of `_TOP_P_CANDIDATES` for top-p
+    alone); only a top-p set larger than those sorts the whole vocabulary (on XLA:CPU ~100 ms at `[16, 32000]`,
+    several decode steps). `sample_logits` then draws among those candidates, or over the vocabulary when the kept
+    set reaches beyond them (a tie across the last candidate).
+    """
+    if _no_filter(logits.shape[-1], top_k, top_p):
+        return logits
+    threshold = _threshold(logits, top_k, top_p)[0]
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+# How many of the largest logits top-p alone searches for its threshold before sorting the whole vocabulary.
+_TOP_P_CANDIDATES = 256
+
+
+def _no_filter(vocab: int, top_k: int, top_p: float) -> bool:
+    return min(top_k, vocab) in (0, vocab) and top_p >= 1.0
+
+
+def _threshold(logits: jax.Array, top_k: int, top_p: float):
+    """`(threshold [B, 1], inside [B], values [B, m], indices [B, m])`: `filter_logits` keeps `logits >=
+    threshold`; `values` (decreasing) and `indices` are the m largest logits and their ids, the n = top_k (or, for
+    top-p alone, `_TOP_P_CANDIDATES`) candidates plus a sentinel, m = min(n + 1, V); `inside`: every kept token is
+    among the candidates (the sentinel is below the threshold).
+
+    The candidates are read with reductions and masks, never sliced: XLA:CPU turns a `lax.top_k` whose output is
+    sliced into a full sort.
     """
     v = logits.shape[-1]
     k = min(top_k, v)
-    if (k == 0 or k == v) and top_p >= 1.0:
-        return logits
+    n = k if 0 < k < v else min(v, _TOP_P_CANDIDATES)
+    m = min(n + 1, v)
+    values, indices = lax.top_k(logits, m)
+    position = lax.broadcasted_iota(jnp.int32, values.shape, 1)
+    sentinel = jnp.min(values, axis=-1, keepdims=True) if m > n else jnp.full((values.shape[0], 1), -jnp.inf)
+    peak = jnp.max(values, axis=-1, keepdims=True)
+    weights = jnp.where(position < n, jnp.exp(values - peak), 0.0)  # the candidates' softmax terms
     if 0 < k < v:
-        values = lax.top_k(logits, k)[0]  # [B, k], decreasing
-        kth = values[:, -1:]
-        if top_p >= 1.0:
-            return jnp.where(logits >= kth, logits, -jnp.inf)
-        # Tokens tied with the k-th beyond the k that `top_k` returned are kept too, and weigh in top-p's softmax.
-        extra = jnp.sum(logits >= kth, axis=-1, keepdims=True) - k
-    else:
-        values = -lax.sort(-logits, dimension=-1)  # decreasing
-        extra = 0
-    weights = jnp.exp(values - values[:, :1])
-    probs = weights / (jnp.sum(weights, axis=-1, keepdims=True) + extra * weights[:, -1:])
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the tokens before each one
-    # The kept candidates are a prefix (the first one always: its `before` is 0 < top_p); `kept` counts them.
-    crossed = before >= top_p
-    kept = jnp.where(jnp.any(crossed, axis=-1), jnp.argmax(crossed, axis=-1), values.shape[-1])
-    threshold = jnp.take_along_axis(values, kept[:, None] - 1, axis=-1)
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
+        threshold = jnp.min(jnp.where(position < k, values, jnp.inf), axis=-1, keepdims=True)  # the k-th
+        if top_p < 1.0:
+            # Tokens tied with the k-th beyond the k candidates are kept by top-k and weigh in top-p's softmax.
+            extra = jnp.sum(logits >= threshold, axis=-1, keepdims=True) - k
+            total = jnp.sum(weights, axis=-1, keepdims=True) + extra * jnp.exp(threshold - peak)
+            threshold = _top_p_threshold(values, total, top_p, weights)[0]
+        return threshold, (sentinel < threshold)[:, 0], values, indices
+    total = jnp.sum(jnp.exp(logits - peak), axis=-1, keepdims=True)  # over the whole vocabulary
+    threshold, found = _top_p_threshold(values, total, top_p, weights)
+    if m > n:  # the top-p set may reach beyond the candidates: then sort them all
+        def full_sort():
+            ordered = -lax.sort(-logits, dimension=-1)
+            return _top_p_threshold(ordered, total, top_p, jnp.exp(ordered - peak))[0]
+
+        threshold = lax.cond(jnp.all(found), lambda: threshold, full_sort)
+    return threshold, (sentinel < threshold)[:, 0], values, indices
+
+
+def _top_p_threshold(values: jax.Array, total: jax.Array, top_p: float, weights: jax.Array):
+    """`(threshold [B, 1], found [B])`: the smallest of the decreasing `values [B, n]` that top-p keeps, among those
+    with nonzero `weights` (their `exp(value - peak)`; 0 marks the ones top-p may not keep), given the softmax
+    normaliser `total` of all the tokens it may keep; `found` is whether the weighted values' mass reaches top_p
+    (if not, the threshold is the last weighted value, and the tokens beyond the values are unaccounted for)."""
+    probs = weights / total
+    cumulative = jnp.cumsum(probs, axis=-1)
+    before = cumulative - probs  # mass of the tokens before each one
+    # The kept values are a prefix (the first always: its `before` is 0 < top_p) up to the first crossing or the
+    # first without weight.
+    stop = (before >= top_p) | (weights == 0)
+    kept = jnp.where(jnp.any(stop, axis=-1), jnp.argmax(stop, axis=-1), values.shape[-1])
+    found = jnp.max(cumulative, axis=-1) >= top_p
+    return jnp.take_along_axis(values, kept[:, None] - 1, axis=-1), found
 
 
 def sample_with_logprobs(key: jax.Array, logits: jax.Array, *, temperature: float, top_k: int = 0,
