@@ -286,7 +286,9 @@ class CausalLM(nnx.Module):
             kv, index = (cache.k, cache.v), cache.index
 
         rope = rope_angles(positions, rope_inv_freq(self.config), max_position)
-        call = nnx.remat(_call_layer, static_argnums=(5,)) if self.remat else _call_layer
+        # Rematerialisation only pays in a backward pass; the cached (sampling) path has none, and nnx.remat cannot
+        # run inside the sampler's decode loop (it would mutate the params from another trace level).
+        call = nnx.remat(_call_layer, static_argnums=(5,)) if self.remat and cache is None else _call_layer
         x = self.embed_tokens[...].astype(self.dtype)[input_ids]
         for i, layer in enumerate(self.layers):
             x, kv = call(layer, x, rope, attn_mask, kv, i, index)

@@ -185,7 +185,11 @@ def make_logprob_fn(graphdef, micro_batch_size: int | None):
         micro = tuple(to_micro_batches(x, num_micro) for x in (tokens, attention_mask, completion_mask))
 
         def forward(mb):
-            logp, _ = completion_logprobs(nnx.merge(graphdef, params), *mb)  # the entropy is dead code to XLA
+            model = nnx.merge(graphdef, params)
+            # No backward pass here, so nothing to rematerialise; and nnx.remat inside lax.map would have to update
+            # params that belong to the enclosing trace (a TraceContextError).
+            model.remat = False
+            logp, _ = completion_logprobs(model, *mb)  # the entropy is dead code to XLA
             return logp
 
         return from_micro_batches(jax.lax.map(forward, micro))
