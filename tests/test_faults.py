@@ -176,3 +176,16 @@ def test_every_logged_learner_metric_is_invariant_to_the_micro_batch_split(polic
     for num_micro in (2, 4):
         for k, v in out[1].items():
             np.testing.assert_allclose(out[num_micro][k], v, rtol=2e-5, atol=1e-6, err_msg=f"{k}, {num_micro}")
+
+
+class SlowGrading(ArithmeticTask):
+    """Arithmetic whose grader reports two items cut off by its deadline on every call."""
+
+    def reward_metrics(self):
+        return {"timed_out": 2.0}
+
+
+def test_the_reward_functions_own_counts_are_logged(policy_dir, tmp_path):
+    cfg = load_config(None, [*overrides(policy_dir, tmp_path), "run.steps=1", "eval.every=0", "run.checkpoint_every=0"])
+    (row,) = train(cfg, task=SlowGrading(num_train=64, num_eval=4)).history
+    assert row["reward/timed_out"] == 2.0

@@ -91,6 +91,11 @@ class Task(abc.ABC):
         """The prompt text for ``problem``."""
         return problem.prompt
 
+    def reward_metrics(self) -> dict[str, float]:
+        """Counts about the latest :meth:`reward` call that a trainer logs as ``reward/<name>`` (e.g. grading
+        timeouts); none by default."""
+        return {}
+
 
 _REQUIRED = ("name", "train_problems", "eval_problems", "reward", "render")
 

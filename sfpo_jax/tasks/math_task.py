@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from sfpo_jax.data import deduplicate, load, prompt_template, render_prompt
-from sfpo_jax.rewards import MathGrader, math_reward, paper_reward
+from sfpo_jax.rewards import MathGrader, default_grader, math_reward, paper_reward
 from sfpo_jax.tasks.base import Problem, Task
 
 _REWARDS = {"math": math_reward, "paper": paper_reward}
@@ -130,3 +130,12 @@ class MathTask(Task):
 
     def reward(self, completions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         return self._reward_fn(completions, answers, grader=self.grader)
+
+    def reward_metrics(self) -> dict[str, float]:
+        """The latest grading's ``timed_out`` items (per-item timeouts plus those cut off by the batch deadline,
+        which score as ungraded), ``no_answer`` and ``errors`` counts."""
+        result = (self.grader or default_grader()).last_result
+        if result is None:
+            return {}
+        counts = result.metrics()
+        return {name: float(counts[name]) for name in ("timed_out", "no_answer", "errors")}

@@ -53,7 +53,8 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
     run = RunDir(cfg, resume=resume, is_main=is_main)  # refuses a folder it would overwrite, or a changed config
     mesh = mesh_from_config(cfg)
     model, tokenizer = load_policy(cfg, task, mesh=mesh)
-    rl_step, state = make_rl_step(model, tokenizer, task.reward, cfg.optimizer(), cfg.rollout, cfg.loss, mesh=mesh)
+    rl_step, state = make_rl_step(model, tokenizer, task.reward, cfg.optimizer(), cfg.rollout, cfg.loss, mesh=mesh,
+                                  reward_metrics=getattr(task, "reward_metrics", None))
     state, step0, timer_state = run.restore(state)  # then writes config.yaml
     timer = PhaseTimer(("sample", "score", "logprobs", "update", "eval"))
     timer.load(timer_state)

@@ -49,6 +49,8 @@ class RLStep:
     Attributes:
       sampler: draws the rollouts (``sampling``: its controls, ``group_size`` samples per prompt).
       tokenizer: decodes completions for ``reward_fn(completions, answers) -> [N] float32``.
+      reward_metrics: ``() -> {name: count}`` about the latest ``reward_fn`` call (e.g. a task's
+        ``reward_metrics``: grading timeouts), logged as ``reward/<name>`` summed over the processes; or None.
       update: the learner's jitted optimizer call (:func:`sfpo_jax.train.learner.make_update_fn`).
       logprob_fn: the learner's jitted forward pass for old / reference log-probs, or None when neither is used.
       ref_params: the frozen KL reference policy's params, or None without a KL term.
@@ -63,6 +65,7 @@ class RLStep:
     sampling: SamplingConfig
     tokenizer: Any
     reward_fn: RewardFn
+    reward_metrics: Callable[[], dict[str, float]] | None
     update: Callable
     logprob_fn: Callable | None
     ref_params: nnx.State | None
@@ -103,6 +106,10 @@ class RLStep:
             batch = jax.tree.map(lambda x: to_global(x, self.batch_sharding), learner.make_batch(rollout, advantages))
             rewards, lengths, finish = (all_hosts(x) for x in (rewards, rollout.lengths, rollout.finish_reason))
         metrics = rollout_metrics(rewards, lengths, finish, G)
+        if self.reward_metrics is not None:
+            counts = self.reward_metrics()
+            totals = all_hosts(np.asarray([list(counts.values())], np.float64)).sum(0)
+            metrics |= {f"reward/{name}": float(v) for name, v in zip(counts, totals, strict=True)}
         if self.logprob_fn is not None:
             with timer("logprobs"):
                 batch, logprob_metrics = self._extra_logprobs(params, batch)
@@ -138,7 +145,8 @@ class RLStep:
 
 
 def make_rl_step(model: nnx.Module, tokenizer, reward_fn: RewardFn, tx: optax.GradientTransformationExtraArgs,
-                 rollout, loss: LossConfig, *, mesh=None) -> tuple[RLStep, TrainState]:
+                 rollout, loss: LossConfig, *, mesh=None, reward_metrics: Callable[[], dict[str, float]] | None = None
+                 ) -> tuple[RLStep, TrainState]:
     """The step function and the initial state of an RL run.
 
     Args:
@@ -151,6 +159,7 @@ def make_rl_step(model: nnx.Module, tokenizer, reward_fn: RewardFn, tx: optax.Gr
       rollout: a :class:`sfpo_jax.train.config.RolloutConfig` (batch, sampling and mini/micro-batch sizes).
       loss: the objective.
       mesh: the device mesh (None: the default device).
+      reward_metrics: see :class:`RLStep` (e.g. ``task.reward_metrics``).
     """
     graphdef, params = nnx.split(model)
     # The KL reference is the initial policy, frozen: a copy, since the update donates (overwrites) `params`.
@@ -163,6 +172,7 @@ def make_rl_step(model: nnx.Module, tokenizer, reward_fn: RewardFn, tx: optax.Gr
         sampling=rollout.sampling(eos_token_ids=(tokenizer.eos_token_id,)),
         tokenizer=tokenizer,
         reward_fn=reward_fn,
+        reward_metrics=reward_metrics,
         update=learner.make_update_fn(graphdef, tx, loss, num_micro),
         logprob_fn=learner.make_logprob_fn(graphdef, rollout.micro_batch_size) if extra_logprobs else None,
         ref_params=ref_params,
