@@ -9,6 +9,7 @@ from sfpo_jax.tasks.base import Problem, Task, TaskLike, import_task, load_task
 from sfpo_jax.tasks.countdown import CountdownTask, ExpressionError, parse_expression
 from sfpo_jax.tasks.math_task import MathTask
 from sfpo_jax.tasks.tokenizer import RAW_CHAT_TEMPLATE, char_tokenizer, save_char_tokenizer
+from sfpo_jax.tasks.word_problems import WordProblemTask
 
 
 def arithmetic(**kwargs) -> ArithmeticTask:
@@ -26,7 +27,13 @@ def math(**kwargs) -> MathTask:
     return MathTask(**kwargs)
 
 
+def word_problems(**kwargs) -> WordProblemTask:
+    """Factory of :class:`WordProblemTask` (for ``--task sfpo_jax.tasks:word_problems``)."""
+    return WordProblemTask(**kwargs)
+
+
 BUILTIN_TASKS = {"arithmetic": arithmetic, "countdown": countdown, "math": math}
+BUILTIN_TASKS["word_problems"] = word_problems
 
 __all__ = [
     "BUILTIN_TASKS",
@@ -38,6 +45,7 @@ __all__ = [
     "Problem",
     "Task",
     "TaskLike",
+    "WordProblemTask",
     "arithmetic",
     "char_tokenizer",
     "countdown",
@@ -47,4 +55,5 @@ __all__ = [
     "math",
     "parse_expression",
     "save_char_tokenizer",
+    "word_problems",
 ]
