@@ -79,3 +79,14 @@ def test_the_training_loop_reads_on_one_screen():
     source = (PACKAGE / "train" / "loop.py").read_text()
     (train,) = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == "train"]
     assert code_lines(source, train) <= MAX_TRAIN_LINES
+
+
+def test_subpackages_are_reachable_from_the_top_level_import_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, sfpo_jax; "
+            "assert 'sfpo_jax.train' not in sys.modules and 'sfpo_jax.rewards' not in sys.modules; "
+            "assert callable(sfpo_jax.rewards.math_reward) and callable(sfpo_jax.train.make_rl_step); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
