@@ -275,7 +275,9 @@ def test_batch_deadline_bounds_a_hostile_batch():
         assert metrics["timeouts"] == 0 and g.stats["deadline"] == 6
         # Boxed answers not graded in time keep the paper reward's 0.1 format credit.
         np.testing.assert_allclose(result.paper_rewards(), [1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0])
-        # The workers caught mid-item were replaced: the next batch is graded normally.
+        # The workers caught mid-item were replaced: the next batch is graded normally. (Its deadline is lifted: the
+        # replacements start in the background, and on a loaded machine their start-up alone can take 2 s.)
+        g.batch_timeout = 120.0
         np.testing.assert_array_equal(math_reward([r"\boxed{2}", r"\boxed{3}"], ["2", "2"], grader=g), [1, 0])
         assert g.last_result.metrics()["timed_out"] == 0
 
