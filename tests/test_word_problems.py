@@ -53,10 +53,19 @@ def test_splits_are_seeded_disjoint_and_sized():
     assert a.train_problems() == b.train_problems() and a.eval_problems() == b.eval_problems()
     assert a.train_problems() != c.train_problems() and a.eval_problems() != c.eval_problems()
     assert len(a.train_problems()) == 400 and len(a.eval_problems()) == 60 and isinstance(a, TaskLike)
-    # Disjoint in their arithmetic, not only in their wording: no (operations, numbers) is in both splits.
+    # Disjoint in their arithmetic, not only in their wording: no (operations, numbers) is in both splits. The eval
+    # problems are distinct; the train split may repeat an arithmetic (its draws follow the generator).
     train = {parse(p.prompt) for p in a.train_problems()}
     evals = {parse(p.prompt) for p in a.eval_problems()}
-    assert len(train) == 400 and len(evals) == 60 and not train & evals
+    assert len(evals) == 60 and not train & evals
+
+
+def test_both_splits_have_the_generators_mix_of_steps():
+    """One-step problems are few (145 with + and - up to 10): distinct train problems would run out of them."""
+    task = WordProblemTask(num_steps=(1, 2), max_value=10, num_train=2000, num_eval=64)
+    one_step = [np.mean([len(parse(p.prompt)[0]) == 1 for p in ps]) for ps in (task.eval_problems(),
+                                                                                 task.train_problems())]
+    assert 0.35 < one_step[0] < 0.65 and 0.35 < one_step[1] < 0.65, one_step
 
 
 def test_eval_split_does_not_depend_on_train_size():
@@ -167,7 +176,9 @@ def test_registered_and_loaded_by_name():
     ({"reward": "exact"}, "reward"),
     ({"prompt": "no placeholder"}, "prompt"),
     ({"shots": len(DEMOS) + 1}, "shots"),
-    ({"ops": "+", "max_value": 3, "num_train": 50}, "distinct problems"),
+    ({"ops": "+", "max_value": 3, "num_eval": 20}, "found only 9 distinct problems"),
+    ({"ops": "+", "max_value": 3, "num_eval": 9}, "holds almost every problem"),
+    ({"num_eval": 0}, "num_eval"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

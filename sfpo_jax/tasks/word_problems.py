@@ -16,7 +16,7 @@ import numpy as np
 
 from sfpo_jax.data import prompt_template, render_prompt, user_message
 from sfpo_jax.rewards import MathGrader, default_grader, math_reward, paper_reward
-from sfpo_jax.tasks.base import Problem, Task, split_unique
+from sfpo_jax.tasks.base import Problem, Task
 
 _OPS = "+-*/"
 _REWARDS = {"math": math_reward, "paper": paper_reward}
@@ -80,15 +80,20 @@ class WordProblemTask(Task):
     friends", always exact). Starting quantities and ``+``/``-`` amounts are in ``[1, max_value]``, factors and
     divisors in ``[2, max_factor]``; every intermediate and final answer is a positive integer.
 
-    Two problems are the same when their operations and numbers are (names, objects and phrasing are drawn too but
-    do not count), so no eval problem's arithmetic appears in the train split.
+    Splits: the eval split is the first ``num_eval`` distinct problems drawn, where two problems are the same when
+    their operations and numbers are (names, objects and phrasing are drawn too but do not count); the train split
+    is the next ``num_train`` draws whose arithmetic is not in the eval split, repeats allowed. So no eval
+    problem's arithmetic is trained on, and both splits follow the generator's mix of steps: the one-step problems
+    are few (145 with ``+-`` up to 10), and a train split of distinct problems (``split_unique``, as the other
+    tasks draw theirs) would run out of them and be almost all two-step problems, harder than the eval split.
 
     Args:
       num_steps: steps per problem (>= 1), or a range ``(lo, hi)`` drawn uniformly per problem.
       ops: the operations to draw from, a subset of ``"+-*/"``.
       max_value: the largest starting quantity and ``+``/``-`` amount.
       max_factor: the largest factor or divisor.
-      num_train, num_eval: sizes of the splits (the eval split does not depend on ``num_train``).
+      num_train, num_eval: sizes of the splits (the eval split does not depend on ``num_train``). With small
+        numbers the problems are few: keep ``num_eval`` a small part of them (ValueError if there are not that many).
       seed: the splits are a deterministic function of every argument.
       reward: ``"paper"`` (1 correct boxed answer / 0.1 other boxed answer / 0 no box, the official SFPO reward)
         or ``"math"`` (1 / 0).
@@ -135,8 +140,7 @@ class WordProblemTask(Task):
             raise ValueError(f"shots must be in [0, {len(DEMOS)}], got {shots}")
         self.num_steps, self.ops, self.max_value, self.max_factor = (lo, hi), ops, max_value, max_factor
         self.name = f"word-problems-s{lo}{'' if lo == hi else f'-{hi}'}-{ops}-v{max_value}"
-        self._train, self._eval = split_unique(self._draw, num_train, num_eval, rng=np.random.default_rng(seed),
-                                               what=self.name)
+        self._eval, self._train = self._split(num_train, num_eval, np.random.default_rng(seed))
         if isinstance(tokenizer, str):
             from sfpo_jax.models import load_tokenizer, smollm2_path  # jax and flax only when a path is given
 
@@ -145,6 +149,34 @@ class WordProblemTask(Task):
         self._reward_fn = _REWARDS[reward]
 
     # ------------------------------------------------------------------------------------------------ problems
+    def _split(self, num_train: int, num_eval: int, rng: np.random.Generator) -> tuple[list[Problem], list[Problem]]:
+        """``(eval, train)``: ``num_eval`` distinct problems, then ``num_train`` draws outside their arithmetic."""
+        if num_train < 0 or num_eval < 1:
+            raise ValueError(f"num_train must be >= 0 and num_eval >= 1, got {num_train} and {num_eval}")
+        keys: set[tuple] = set()
+        evals: list[Problem] = []
+        budget = 50 * num_eval + 1000
+        while len(evals) < num_eval and budget > 0:
+            budget -= 1
+            key, problem = self._draw(rng)
+            if key not in keys:
+                keys.add(key)
+                evals.append(problem)
+        if len(evals) < num_eval:
+            raise ValueError(f"{self.name}: found only {len(evals)} distinct problems for num_eval={num_eval}; "
+                             "raise max_value or num_steps, or ask for fewer")
+        train: list[Problem] = []
+        budget = 50 * num_train + 1000
+        while len(train) < num_train and budget > 0:
+            budget -= 1
+            key, problem = self._draw(rng)
+            if key not in keys:
+                train.append(problem)
+        if len(train) < num_train:
+            raise ValueError(f"{self.name}: the eval split holds almost every problem; raise max_value or num_steps, "
+                             "or lower num_eval")
+        return evals, train
+
     @staticmethod
     def _allowed(ops: str, i: int, n: int) -> str:
         """The operations that step ``i`` of an ``n``-step story may be."""
