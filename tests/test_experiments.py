@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import ablate  # noqa: E402
 import bench_sampler  # noqa: E402
 import compare  # noqa: E402
+import eval_checkpoints  # noqa: E402
 
 ARITH_TINY = ROOT / "experiments" / "configs" / "arith-tiny.yaml"
 
@@ -24,7 +25,7 @@ def test_compare_runs_both_algorithms_and_writes_the_summary(policy_dir, tmp_pat
     out = tmp_path / "cmp"
     tiny = [f"model.path={policy_dir}", "task.kwargs={num_train: 64, num_eval: 8}", "rollout.prompts_per_step=4",
             "rollout.group_size=4", "rollout.max_new_tokens=4", "run.steps=2", "eval.every=1", "eval.num_samples=2",
-            "run.checkpoint_every=0"]
+            "run.checkpoint_every=2"]
     assert compare.main(["--config", str(ARITH_TINY), "--seeds", "0", "--out", str(out), *tiny]) == 0
     summary = json.loads((out / "summary.json").read_text())
     for key in ("grpo_best_accuracy", "grpo_rollouts_to_best", "sfpo_rollouts_to_target", "rollouts_ratio",
@@ -39,6 +40,19 @@ def test_compare_runs_both_algorithms_and_writes_the_summary(policy_dir, tmp_pat
     before = (out / "sfpo" / "seed0" / "metrics.jsonl").read_bytes()
     assert compare.main(["--config", str(ARITH_TINY), "--seeds", "0", "--out", str(out), *tiny]) == 0
     assert (out / "sfpo" / "seed0" / "metrics.jsonl").read_bytes() == before
+
+    # eval_checkpoints.py: the initial policy and both last checkpoints on the same eval problems, paired.
+    assert eval_checkpoints.main([str(out), "--samples", "3", "--out", str(tmp_path / "eval.json")]) == 0
+    evals = json.loads((tmp_path / "eval.json").read_text())["policies"]
+    assert list(evals) == ["initial", "grpo", "sfpo"] and [e["step"] for e in evals.values()] == [0, 2, 2]
+    base = evals["initial"]["correct_per_problem"]
+    assert len(base) == 8 and all(0 <= c <= 3 for c in base)
+    for algo in ("grpo", "sfpo"):
+        e = evals[algo]
+        assert e["accuracy"] == pytest.approx(sum(e["correct_per_problem"]) / 24)
+        assert e["gain"] == pytest.approx(e["accuracy"] - evals["initial"]["accuracy"])
+        low, high = e["gain_ci95_over_problems"]
+        assert low <= e["gain"] <= high
 
 
 def test_compare_rejects_a_bad_override(tmp_path, capsys):
