@@ -9,6 +9,7 @@ import pytest
 
 from sfpo_jax.tasks import (
     ArithmeticTask,
+    ColumnAdditionTask,
     CountdownTask,
     ExpressionError,
     MathTask,
@@ -31,8 +32,9 @@ FIXTURES = __file__.rsplit("/", 1)[0] + "/fixtures/datasets"
     [
         lambda seed, **kw: ArithmeticTask(num_train=300, num_eval=50, seed=seed, **kw),
         lambda seed, **kw: CountdownTask(num_train=300, num_eval=50, seed=seed, **kw),
+        lambda seed, **kw: ColumnAdditionTask(num_train=300, num_eval=50, seed=seed, **kw),
     ],
-    ids=["arithmetic", "countdown"],
+    ids=["arithmetic", "countdown", "column_addition"],
 )
 def test_splits_are_seeded_disjoint_and_sized(make):
     a, b, c = make(0), make(0), make(1)
@@ -67,6 +69,37 @@ def test_arithmetic_reward():
     assert scores.dtype == np.float32
     partial = ArithmeticTask(num_train=1, num_eval=1, format_credit=0.1)
     np.testing.assert_allclose(partial.reward(["33", "34", "x"], ["33"] * 3), [1.0, 0.1, 0.0])
+
+
+def test_column_addition_scratchpad_and_careless_teacher():
+    from sfpo_jax.tasks.column_addition import column_steps
+
+    assert column_steps(358, 467, 3) == ("8+7=15,5+6+1=12,3+4+1=8;825", 825)
+    assert column_steps(999, 1, 3) == ("9+1=10,9+0+1=10,9+0+1=10;1000", 1000)
+    # Forgetting the carry into the tens column: the working stays consistent and the answer is wrong.
+    assert column_steps(358, 467, 3, forgets=[False, True, False]) == ("8+7=15,5+6=11,3+4+1=8;815", 815)
+    assert column_steps(12, 34, 3, forgets=[True] * 3) == ("2+4=6,1+3=4,0+0=0;46", 46)  # no carry to forget
+    exact = ColumnAdditionTask(digits=3, teacher_error=0.0, num_train=200, num_eval=20)
+    for p in exact.train_problems():
+        a, b = (int(x) for x in p.prompt.rstrip("=").split("+"))
+        assert len(p.prompt) == 8 and p.answer == str(a + b)
+        assert p.solution == column_steps(a, b, 3)[0] and exact.reward([p.solution], [p.answer])[0] == 1
+    careless = ColumnAdditionTask(digits=3, teacher_error=0.7, num_train=2000, num_eval=20)
+    right = careless.reward([p.solution for p in careless.train_problems()],
+                            [p.answer for p in careless.train_problems()])
+    # P(correct) = E[0.3 ** carries]: about 0.4 for 3-digit operands (0.45 carries per column)
+    assert 0.3 < right.mean() < 0.5
+    for bad in (dict(digits=0), dict(digits=7), dict(teacher_error=1.0), dict(teacher_error=-0.1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ColumnAdditionTask(num_train=1, num_eval=1, **bad)
+
+
+def test_column_addition_reward_reads_the_answer_after_the_last_mark():
+    task = ColumnAdditionTask(num_train=1, num_eval=1)
+    completions = ["8+7=15,5+6+1=12,3+4+1=8;825", "junk;825", "8+7=15;8;825 ", "825", "8+7=15;824",
+                   "8+7=15;825\n;0", "8+7=15;", ""]
+    np.testing.assert_array_equal(task.reward(completions, ["825"] * len(completions)), [1, 1, 1, 0, 0, 1, 0, 0])
+    assert load_task("column_addition", digits=2, num_train=5, num_eval=5).name == "column-addition-d2-e0.5"
 
 
 def test_countdown_reward_hand_checked():

@@ -1,11 +1,13 @@
 """Tasks for RL: the Task interface, built-in verifiable toy tasks, real math datasets, a char tokenizer.
 
-``load_task(name, **kwargs)`` builds a built-in task (:data:`BUILTIN_TASKS`: ``arithmetic``, ``countdown``,
-``math``); ``import_task("module.path:factory", **kwargs)`` imports and calls your own factory.
+``load_task(name, **kwargs)`` builds a built-in task (:data:`BUILTIN_TASKS`: ``arithmetic``,
+``column_addition``, ``countdown``, ``math``, ``word_problems``); ``import_task("module.path:factory", **kwargs)``
+imports and calls your own factory.
 """
 
 from sfpo_jax.tasks.arithmetic import ArithmeticTask, evaluate_chain
 from sfpo_jax.tasks.base import Problem, Task, TaskLike, import_task, load_task
+from sfpo_jax.tasks.column_addition import ColumnAdditionTask
 from sfpo_jax.tasks.countdown import CountdownTask, ExpressionError, parse_expression
 from sfpo_jax.tasks.math_task import MathTask
 from sfpo_jax.tasks.tokenizer import RAW_CHAT_TEMPLATE, char_tokenizer, save_char_tokenizer
@@ -15,6 +17,11 @@ from sfpo_jax.tasks.word_problems import WordProblemTask
 def arithmetic(**kwargs) -> ArithmeticTask:
     """Factory of :class:`ArithmeticTask` (for ``--task sfpo_jax.tasks:arithmetic``)."""
     return ArithmeticTask(**kwargs)
+
+
+def column_addition(**kwargs) -> ColumnAdditionTask:
+    """Factory of :class:`ColumnAdditionTask` (for ``--task sfpo_jax.tasks:column_addition``)."""
+    return ColumnAdditionTask(**kwargs)
 
 
 def countdown(**kwargs) -> CountdownTask:
@@ -32,13 +39,14 @@ def word_problems(**kwargs) -> WordProblemTask:
     return WordProblemTask(**kwargs)
 
 
-BUILTIN_TASKS = {"arithmetic": arithmetic, "countdown": countdown, "math": math}
-BUILTIN_TASKS["word_problems"] = word_problems
+BUILTIN_TASKS = {"arithmetic": arithmetic, "column_addition": column_addition, "countdown": countdown, "math": math,
+                 "word_problems": word_problems}
 
 __all__ = [
     "BUILTIN_TASKS",
     "RAW_CHAT_TEMPLATE",
     "ArithmeticTask",
+    "ColumnAdditionTask",
     "CountdownTask",
     "ExpressionError",
     "MathTask",
@@ -48,6 +56,7 @@ __all__ = [
     "WordProblemTask",
     "arithmetic",
     "char_tokenizer",
+    "column_addition",
     "countdown",
     "evaluate_chain",
     "import_task",
