@@ -75,7 +75,7 @@ def render(results: dict[str, dict], target: float, key: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -85,7 +85,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/ablate")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: one per core)")
     p.add_argument("overrides", nargs="*", help="section.field=value applied to every run")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     named = variants(args.ks, args.alphas, args.alpha)
     try:
         cfg = load_config(args.config, args.overrides)

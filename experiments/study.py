@@ -107,10 +107,12 @@ def paper(args, out: Path, lr: float, name: str, extra: list[str]) -> dict:
     return {"rate": lr, "summary": summary, "table": render_markdown(summary)}
 
 
-def tuned(args, cfg, out: Path, best: dict) -> dict:
+def tuned(args, cfg, out: Path, best: dict, protocol_rate: float) -> dict:
     for a in ALGOS:
-        for s in args.sweep_seeds:
+        for s in args.seeds:  # the sweep's runs at that rate, and the paper stage's at the protocol rate
             reuse(run_dir(out / "sweep" / lr_name(best[a]), a, s), run_dir(out / "tuned", a, s))
+            if best[a] == protocol_rate:
+                reuse(run_dir(out / "paper", a, s), run_dir(out / "tuned", a, s))
     jobs = {run_dir(out / "tuned", a, s): ["--algo", a, "--seed", str(s), *args.overrides,
                                            f"optim.learning_rate={best[a]}"]
             for s in args.seeds for a in ALGOS}
@@ -139,8 +141,8 @@ def ablation(args, out: Path, lr: float) -> dict:
             if settings(args.config, [*rate, *extra]) == settings(args.config, [*rate, f"algo={a}"]):
                 for s in args.ablation_seeds:
                     reuse(run_dir(out / "sweep" / lr_name(lr), a, s), out / "ablate" / name / f"seed{s}")
-    argv = ["--config", args.config, "--seeds", *map(str, args.ablation_seeds), "--out", str(out / "ablate"),
-            "--ks", *map(str, KS), "--alphas", *map(str, ALPHAS),
+    argv = ["--config", args.config, "--ks", *map(str, KS), "--alphas", *map(str, ALPHAS),
+            "--seeds", *map(str, args.ablation_seeds), "--out", str(out / "ablate"),
             *(["--workers", str(args.workers)] if args.workers else []), *args.overrides,
             f"optim.learning_rate={lr}"]
     if ablate.main(argv) != 0:
@@ -187,7 +189,7 @@ def main(argv=None) -> int:
     if "paper" in args.stages:
         results["paper"] = paper(args, out, rate, "paper", [])
     if "tuned" in args.stages:
-        results["tuned"] = tuned(args, cfg, out, results["sweep"]["best_rate"])
+        results["tuned"] = tuned(args, cfg, out, results["sweep"]["best_rate"], rate)
     if "batch" in args.stages:
         doubled = f"rollout.prompts_per_step={2 * cfg.rollout.prompts_per_step}"
         results["batch"] = paper(args, out, rate, "batch2x", [doubled])

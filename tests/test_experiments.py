@@ -66,9 +66,9 @@ def test_study_sweeps_picks_rates_on_training_reward_and_reuses_runs(policy_dir,
     launched = []
     real_launch = study.compare.launch
     monkeypatch.setattr(study.compare, "launch", lambda cmd, *a: launched.append(cmd) or real_launch(cmd, *a))
-    argv = ["--config", str(ARITH_TINY), "--out", str(out), "--lrs", "1e-4", "1e-3", "--sweep-seeds", "0",
-            "--seeds", "0", "--stages", "paper", "tuned", "batch", "--workers", "2", *tiny]
-    assert study.main(argv) == 0
+    common = ["--config", str(ARITH_TINY), "--out", str(out), "--lrs", "1e-4", "1e-3", "--sweep-seeds", "0",
+              "--seeds", "0"]
+    assert study.main([*common, "--stages", "paper", "tuned", "batch", "--workers", "2", *tiny]) == 0
     result = json.loads((out / "study.json").read_text())
     rewards, best = result["sweep"]["train_reward"], result["sweep"]["best_rate"]
     for algo in ("grpo", "sfpo"):
@@ -81,6 +81,23 @@ def test_study_sweeps_picks_rates_on_training_reward_and_reuses_runs(policy_dir,
         assert (out / stage / "grpo" / "seed0" / "metrics.jsonl").is_file()
     assert (out / "lr_sweep.png").stat().st_size > 0
     assert "Learning-rate sweep" in (out / "study.md").read_text() and "best rate" in capsys.readouterr().out
+
+    # The ablation stage hands ablate.py the paper's grid, the seeds and every override (its runs: ablate's tests).
+    def fake_ablate(argv):
+        args = study.ablate.parse_args(argv)
+        assert (args.ks, args.alphas, args.seeds) == ([1, 3, 5, 7], [0.2, 0.5, 0.8, 1.0], [0, 1])
+        assert args.overrides == [*tiny, f"optim.learning_rate={best['grpo']}"]
+        (out / "ablate").mkdir(exist_ok=True)
+        (out / "ablate" / "ablation.json").write_text("{}")
+        (out / "ablate" / "ablation.md").write_text("| variant |")
+        return 0
+
+    monkeypatch.setattr(study.ablate, "main", fake_ablate)
+    assert study.main([*common, "--stages", "ablate", "--ablation-seeds", "0", "1", "--workers", "2", *tiny]) == 0
+    assert "Ablations at the protocol rate" in (out / "study.md").read_text()
+    for name, algo in (("grpo", "grpo"), ("K3-a0.8", "sfpo"), ("no-entropy-switch", "sfpo")):  # equal settings
+        swept = out / "sweep" / f"lr{best['grpo']:g}" / algo / "seed0" / "metrics.jsonl"
+        assert (out / "ablate" / name / "seed0" / "metrics.jsonl").read_bytes() == swept.read_bytes()
 
 
 def test_compare_rejects_a_bad_override(tmp_path, capsys):
