@@ -7,9 +7,10 @@ float32; ~39M parameters) is written once into `--model-dir` by `bench_sampler.m
 batch × length shape, each repeat times, interleaved: our forward (logits), PyTorch's
 forward (`inference_mode`), our forward+backward (next-token cross entropy, gradients of every parameter) and
 PyTorch's (PyTorch in a worker process, see `torch_peer.py`). Inputs are random ids with no padding. Reported:
-median tokens/s per side and the ratio ours / PyTorch.
+median tokens/s per side in each of `--dtypes` (ours: float32 masters computing in it; PyTorch: the whole model in
+it, its fastest CPU mode in bfloat16) and the ratio of each side at its fastest.
 
-  python experiments/bench_model.py --shapes 4x128 8x256 4x512 --repeats 5
+  python experiments/bench_model.py --shapes 4x128 8x256 4x512 --repeats 5 [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=["4x128", "8x256", "4x512"], help="batch x length")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes, each side in each")
     parser.add_argument("--model-dir", type=Path,
                         default=Path(os.environ.get("SFPO_BENCH_DIR", tempfile.gettempdir())) / "sfpo_bench_qwen2")
     args = parser.parse_args()
@@ -66,41 +68,50 @@ def main():
     from torch_peer import TorchPeer
 
     path = make_checkpoint(args.model_dir)
-    graphdef, state = nnx.split(from_pretrained(path, dtype=jnp.float32))
-    # PyTorch runs in a worker process: beside an initialised JAX backend it slows down severalfold.
-    peer = TorchPeer(path)
+    dtypes = args.dtypes.split(",")
+    # Ours: float32 master weights computing in each dtype (what the trainer differentiates).
+    models = {dt: nnx.split(from_pretrained(path, dtype=jnp.float32, compute_dtype=jnp.dtype(dt))) for dt in dtypes}
+    # PyTorch runs in a worker process per dtype: beside an initialised JAX backend it slows down severalfold.
+    peers = {dt: TorchPeer(path, dt) for dt in dtypes}
 
-    n_params = sum(x.size for x in jax.tree.leaves(state))
+    n_params = sum(x.size for x in jax.tree.leaves(models[dtypes[0]][1]))
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus; jax {jax.__version__} ({jax.devices()[0].platform}),"
-          f" torch {torch.__version__} ({peer.threads} threads, own process), transformers {transformers.__version__};"
-          f" {n_params / 1e6:.1f}M params, float32; load average {os.getloadavg()[0]:.1f}")
+          f" torch {torch.__version__} ({peers[dtypes[0]].threads} threads, own process), transformers "
+          f"{transformers.__version__}; {n_params / 1e6:.1f}M params; dtypes {dtypes} (ours: float32 masters "
+          f"computing in it; PyTorch: the model in it); load average {os.getloadavg()[0]:.1f}")
 
-    print("| batch × length | pass | ours tokens/s | PyTorch tokens/s | ours / PyTorch |")
-    print("| --- | --- | --- | --- | --- |")
+    sides = [(side, dt) for side in ("ours", "torch") for dt in dtypes]
+    print("| batch × length | pass | " + " | ".join(f"{side} {dt}" for side, dt in sides)
+          + " | ours best / PyTorch best |")
+    print("| --- | --- | " + " | ".join("---" for _ in sides) + " | --- |")
     rng = np.random.default_rng(0)
     for shape in args.shapes:
         batch, length = (int(x) for x in shape.split("x"))
         ids_np = rng.integers(0, ARCH["vocab_size"], (batch, length)).astype(np.int32)
         ids = jnp.asarray(ids_np)
-        runs = {
-            ("forward", "ours"): lambda ids=ids: _timed(lambda: _jax_forward(graphdef, state, ids).block_until_ready()),
-            ("forward", "torch"): lambda ids=ids_np: peer.time("forward", ids),
-            ("forward+backward", "ours"): lambda ids=ids: _timed(
-                lambda: jax.block_until_ready(_jax_grad(graphdef, state, ids))),
-            ("forward+backward", "torch"): lambda ids=ids_np: peer.time("grad", ids),
-        }
+        runs = {}
+        for dt in dtypes:
+            graphdef, state = models[dt]
+            runs["forward", "ours", dt] = lambda g=graphdef, s=state, ids=ids: _timed(
+                lambda: _jax_forward(g, s, ids).block_until_ready())
+            runs["forward", "torch", dt] = lambda p=peers[dt], ids=ids_np: p.time("forward", ids)
+            runs["forward+backward", "ours", dt] = lambda g=graphdef, s=state, ids=ids: _timed(
+                lambda: jax.block_until_ready(_jax_grad(g, s, ids)))
+            runs["forward+backward", "torch", dt] = lambda p=peers[dt], ids=ids_np: p.time("grad", ids)
         times = {key: [] for key in runs}
         for i in range(args.warmup + args.repeats):
-            for key, fn in runs.items():  # interleaved, so that load from other processes hits both sides alike
+            for key, fn in runs.items():  # interleaved, so that load from other processes hits every side alike
                 t = fn()
                 if i >= args.warmup:
                     times[key].append(t)
         for kind in ("forward", "forward+backward"):
-            ours = batch * length / statistics.median(times[kind, "ours"])
-            theirs = batch * length / statistics.median(times[kind, "torch"])
-            print(f"| {batch} × {length} | {kind} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f} |", flush=True)
+            rate = {(side, dt): batch * length / statistics.median(times[kind, side, dt]) for side, dt in sides}
+            best = {side: max(r for (s_, _), r in rate.items() if s_ == side) for side in ("ours", "torch")}
+            cells = " | ".join(f"{rate[k]:,.0f}" for k in sides)
+            print(f"| {batch} × {length} | {kind} | {cells} | {best['ours'] / best['torch']:.2f} |", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
-    peer.close()
+    for peer in peers.values():
+        peer.close()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,11 @@ temperature 1, no top-k/top-p, no early stop (no EOS). Figures: median over `--r
 warm-up call each, the sides interleaved repeat by repeat (so that load from other processes hits all alike),
 plus our prefill / per-decode-step split.
 
-    python experiments/bench_sampler.py [--repeats 5] [--peers transformers,tunix] [--profile /tmp/trace] [--breakdown]
+    python experiments/bench_sampler.py [--repeats 5] [--peers transformers,tunix] [--dtypes float32,bfloat16]
+                                        [--profile /tmp/trace] [--breakdown]
+
+Every side runs in every one of `--dtypes` (ours: float32 master weights computing in that dtype, as the trainer
+samples; the peers: the whole model in it), and the headline ratio is each side at its fastest precision.
 
 `--prefill-memory` prints, instead of W1, the compiled prefill's temporary memory for a long generation (8 prompts
 of 1024 tokens, 8192 new tokens, a small model): the sampler's prefill into a prompt-length cache, extended
@@ -57,15 +61,16 @@ def make_checkpoint(path: Path) -> Path:
     return path
 
 
-def make_ours(path: Path, prompts: np.ndarray):
-    """Our `Sampler` on the bench checkpoint; returns `run(seed)` and the sampler (for the prefill/decode split)."""
+def make_ours(path: Path, prompts: np.ndarray, dtype: str = "float32"):
+    """Our `Sampler` on the bench checkpoint, float32 masters computing in `dtype` (as the trainer samples);
+    returns `run(seed)` and the sampler (for the prefill/decode split)."""
     import jax
     import jax.numpy as jnp
 
     from sfpo_jax.models import from_pretrained
     from sfpo_jax.sampling import Sampler, SamplingConfig
 
-    model = from_pretrained(path, dtype=jnp.float32)
+    model = from_pretrained(path, dtype=jnp.float32, compute_dtype=jnp.dtype(dtype))
     sampler = Sampler(model, prompt_buckets=(PROMPT_LEN,))
     config = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0)
     lists = prompts.tolist()
@@ -85,7 +90,7 @@ def split_ours(sampler, prompts: np.ndarray, repeats: int) -> dict:
     from flax import nnx
 
     (prog,) = sampler._programs.values()
-    state = nnx.state(sampler.model)
+    state = sampler._compute_params(nnx.state(sampler.model))
     ids, mask = jnp.asarray(prompts[:, :-1], jnp.int32), jnp.ones((BATCH, PROMPT_LEN - 1), bool)
     last = jnp.asarray(prompts[:, -1], jnp.int32)
     prefill_t, decode_t = [], []
@@ -115,7 +120,7 @@ def decode_breakdown(sampler, prompts: np.ndarray, trace_dir: str, new_tokens: i
     from flax import nnx
 
     (prog,) = sampler._programs.values()
-    state = nnx.state(sampler.model)
+    state = sampler._compute_params(nnx.state(sampler.model))
     ids, last, key = jnp.asarray(prompts[:, :-1], jnp.int32), jnp.asarray(prompts[:, -1], jnp.int32), jax.random.key(0)
     mask = jnp.ones(ids.shape, bool)
     hlo = prog.decode.lower(state, prog.prefill(state, ids, mask), last, key).compile().as_text()
@@ -165,12 +170,12 @@ def prefill_memory(batch: int = 8, prompt_len: int = 1024, new_tokens: int = 819
     return {"sampler_prefill_gb": gb(prog.prefill), "full_length_prefill_gb": gb(jax.jit(full_length))}
 
 
-def make_transformers(path: Path, prompts: np.ndarray):
-    """transformers `generate` in a worker process (see `torch_peer.py`: PyTorch slows down beside JAX); the
-    returned `run` waits for the worker and returns the seconds the call took there."""
+def make_transformers(path: Path, prompts: np.ndarray, dtype: str = "float32"):
+    """transformers `generate` in a worker process (see `torch_peer.py`: PyTorch slows down beside JAX), the model
+    in `dtype`; the returned `run` waits for the worker and returns the seconds the call took there."""
     from torch_peer import TorchPeer
 
-    peer = TorchPeer(path)
+    peer = TorchPeer(path, dtype)
     return lambda i: peer.time("generate", prompts, i, NEW_TOKENS)
 
 
@@ -193,7 +198,8 @@ class _IdTokenizer:
         return 0
 
 
-def make_tunix(path: Path, prompts: np.ndarray):
+def make_tunix(path: Path, prompts: np.ndarray, dtype: str = "float32"):
+    """tunix's `Sampler` with its params (and so its compute and KV cache) in `dtype`."""
     import jax.numpy as jnp
     from tunix.generate import sampler as tunix_sampler
     from tunix.models.qwen2 import model as tunix_model
@@ -204,7 +210,7 @@ def make_tunix(path: Path, prompts: np.ndarray):
         hidden_dim=ARCH["intermediate_size"], num_heads=ARCH["num_attention_heads"],
         head_dim=ARCH["hidden_size"] // ARCH["num_attention_heads"], num_kv_heads=ARCH["num_key_value_heads"],
         rope_theta=int(ARCH["rope_theta"]), norm_eps=ARCH["rms_norm_eps"], use_tied_embedding=True)
-    model = tunix_params.create_model_from_safe_tensors(str(path), config, dtype=jnp.float32)
+    model = tunix_params.create_model_from_safe_tensors(str(path), config, dtype=jnp.dtype(dtype))
     cache = tunix_sampler.CacheConfig(cache_size=PROMPT_LEN + NEW_TOKENS, num_layers=config.num_layers,
                                       num_kv_heads=config.num_kv_heads, head_dim=config.head_dim)
     sampler = tunix_sampler.Sampler(model, _IdTokenizer(), cache)
@@ -235,6 +241,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peers", default="transformers,tunix", help="comma-separated; empty for ours only")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="compute dtypes, each side in each (ours: float32 masters computing in it)")
     parser.add_argument("--model-dir", type=Path,
                         default=Path(os.environ.get("SFPO_BENCH_DIR", tempfile.gettempdir())) / "sfpo_bench_qwen2")
     parser.add_argument("--profile", default=None, help="write a jax.profiler trace of one of our calls here")
@@ -249,15 +257,18 @@ def main():
     path = make_checkpoint(args.model_dir)
     prompts = np.random.default_rng(0).integers(0, ARCH["vocab_size"], (BATCH, PROMPT_LEN)).astype(np.int32)
     new_tokens = BATCH * NEW_TOKENS
+    dtypes = args.dtypes.split(",")
     load_before = os.getloadavg()
-    ours, sampler = make_ours(path, prompts)
-    runs, skipped = {"ours": ours}, {}
+    runs, skipped, samplers = {}, {}, {}
+    for dtype in dtypes:
+        runs[f"ours {dtype}"], samplers[dtype] = make_ours(path, prompts, dtype)
     makers = {"transformers": make_transformers, "tunix": make_tunix}
     for peer in filter(None, args.peers.split(",")):
-        try:
-            runs[peer] = makers[peer](path, prompts)
-        except ImportError as e:
-            skipped[peer] = f"not importable: {e}"
+        for dtype in dtypes:
+            try:
+                runs[f"{peer} {dtype}"] = makers[peer](path, prompts, dtype)
+            except ImportError as e:
+                skipped[peer] = f"not importable: {e}"
 
     times = {name: [] for name in runs}
     for run in runs.values():
@@ -267,12 +278,12 @@ def main():
             start = time.perf_counter()
             inner = run(i)  # the PyTorch worker reports its own time (no pipe or process overhead)
             times[name].append(inner if inner is not None else time.perf_counter() - start)
-    split = split_ours(sampler, prompts, args.repeats)
+    splits = {dtype: split_ours(sampler, prompts, args.repeats) for dtype, sampler in samplers.items()}
     if args.profile:
         import jax
 
         with jax.profiler.trace(args.profile):
-            ours(args.repeats + 1)
+            runs[f"ours {dtypes[-1]}"](args.repeats + 1)
 
     print(f"W1: {BATCH} prompts × {PROMPT_LEN} ids, {NEW_TOKENS} new tokens, temperature 1, no early stop; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {versions()}; median of "
@@ -280,11 +291,23 @@ def main():
           f"after")
     rate = {name: new_tokens / statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
-        ratio = "" if name == "ours" else f"   ours / {name} = {rate['ours'] / rate[name]:.2f}×"
-        print(f"  {name:13s} {rate[name]:8.1f} new tokens/s  (median {statistics.median(t):.3f} s)" + ratio)
+        print(f"  {name:22s} {rate[name]:8.1f} new tokens/s  (median {statistics.median(t):.3f} s)")
+    # Each side at its fastest precision on this machine.
+    best = {}
+    for name, r in rate.items():
+        side = name.split()[0]
+        if r > rate.get(best.get(side), 0.0):
+            best[side] = name
+    for side, name in best.items():
+        if side != "ours":
+            print(f"  ours at its best ({best['ours']}) / {side} at its best ({name}) = "
+                  f"{rate[best['ours']] / rate[name]:.2f}×")
     for name, why in skipped.items():
-        print(f"  {name:13s} skipped ({why})")
-    print(f"  ours: prefill {1e3 * split['prefill_s']:.1f} ms, decode {split['decode_step_ms']:.2f} ms/step")
+        print(f"  {name:22s} skipped ({why})")
+    for dtype, split in splits.items():
+        print(f"  ours {dtype}: prefill {1e3 * split['prefill_s']:.1f} ms, "
+              f"decode {split['decode_step_ms']:.2f} ms/step")
+    sampler = samplers[dtypes[-1]]
     if args.breakdown:
         rows = decode_breakdown(sampler, prompts, tempfile.mkdtemp(prefix="sfpo_w1_trace_"))
         profiled = sum(ms for ms, _, _ in rows)
@@ -292,7 +315,7 @@ def main():
               f"{profiled:.2f} ms/step in these:")
         for ms, n, row in rows:
             print(f"    {ms:6.3f} ms/step {100 * ms / profiled:5.1f}%  {n:4.1f} ops/step  {row}")
-    print(json.dumps(dict(times=times, tokens_per_s=rate, **split, skipped=skipped)))
+    print(json.dumps(dict(times=times, tokens_per_s=rate, best=best, split=splits, skipped=skipped)))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ the same number of steps, but picks the next tokens without sampling (our softma
 ~2% of a step); its time excludes loading the model, as ours excludes compiling.
 
     python experiments/bench_smollm2.py [--repeats 3] [--no-peer] [--breakdown] [--llama-cpp BIN]
+                                        [--dtypes float32,bfloat16]
 
 `--llama-cpp BIN`: a folder with llama.cpp's `llama-batched-bench` and `llama-quantize` (e.g. `build/bin` of a
 CPU build: `cmake -B build -DGGML_NATIVE=ON && cmake --build build --target llama-batched-bench llama-quantize`).
@@ -52,8 +53,8 @@ def make_prompts(n: int) -> np.ndarray:
     return np.asarray(rows, np.int32)
 
 
-def make_ours(prompts: np.ndarray, grad_ids: np.ndarray):
-    """`{name: run(seed)}` for our three workloads, and the model."""
+def make_ours(prompts: np.ndarray, grad_ids: np.ndarray, dtype: str = "float32"):
+    """`{name: run(seed)}` for our three workloads (float32 masters computing in `dtype`), and the model."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -61,7 +62,7 @@ def make_ours(prompts: np.ndarray, grad_ids: np.ndarray):
     from sfpo_jax.models import from_pretrained, smollm2_path
     from sfpo_jax.sampling import Sampler, SamplingConfig
 
-    model = from_pretrained(smollm2_path(), dtype=jnp.float32)
+    model = from_pretrained(smollm2_path(), dtype=jnp.float32, compute_dtype=jnp.dtype(dtype))
     sampler = Sampler(model, batch_multiple=1, prompt_buckets=(prompts.shape[1],))
     one = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0)
     many = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, num_samples=SAMPLES)
@@ -82,14 +83,14 @@ def make_ours(prompts: np.ndarray, grad_ids: np.ndarray):
     return runs, model, sampler
 
 
-def make_torch(model, prompts: np.ndarray, grad_ids: np.ndarray, model_dir: Path):
+def make_torch(model, prompts: np.ndarray, grad_ids: np.ndarray, model_dir: Path, dtype: str = "float32"):
     from torch_peer import TorchPeer
 
     from sfpo_jax.models import save_pretrained
 
     if not (model_dir / "config.json").exists():
         save_pretrained(model, model_dir)
-    peer = TorchPeer(model_dir)
+    peer = TorchPeer(model_dir, dtype)
     many = np.repeat(prompts, SAMPLES, axis=0)
     return {
         "sample_b1": lambda i: peer.time("generate", prompts[:1], i, NEW_TOKENS),
@@ -133,6 +134,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="compute dtypes: ours (float32 masters) and transformers in each")
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--model-dir", type=Path,
                         default=Path(os.environ.get("SFPO_BENCH_DIR", tempfile.gettempdir())) / "sfpo_smollm2_hf")
@@ -142,10 +145,14 @@ def main():
     prompts = make_prompts(PROMPTS)
     grad_ids = np.random.default_rng(1).integers(0, 49152, GRAD_SHAPE).astype(np.int32)
     load_before = os.getloadavg()
-    ours, model, sampler = make_ours(prompts, grad_ids)
-    sides = {"ours": ours}
+    sides, samplers = {}, {}
+    for dtype in args.dtypes.split(","):
+        sides[f"ours {dtype}"], model, samplers[dtype] = make_ours(prompts, grad_ids, dtype)
     if not args.no_peer:
-        sides["transformers"] = make_torch(model, prompts, grad_ids, args.model_dir)
+        for dtype in args.dtypes.split(","):
+            sides[f"transformers {dtype}"] = make_torch(model, prompts, grad_ids, args.model_dir, dtype)
+    sampler = samplers[dtype]
+    workloads = next(iter(sides.values()))
     if args.llama_cpp:
         sides.update(make_llama_cpp(args.llama_cpp, args.model_dir.with_name("sfpo_smollm2_gguf"), prompts.shape[1]))
     for runs in sides.values():
@@ -153,21 +160,32 @@ def main():
             run(0)  # warm-up: compilation, allocator
     times = {(side, w): [] for side, runs in sides.items() for w in runs}
     for i in range(1, args.repeats + 1):
-        for w in ours:
+        for w in workloads:
             for side, runs in sides.items():
                 if w not in runs:
                     continue
                 start = time.perf_counter()
                 inner = runs[w](i)
                 times[side, w].append(inner if isinstance(inner, float) else time.perf_counter() - start)
-    print(f"W5: SmolLM2-135M-Instruct (ours and transformers in float32), prompts of {prompts.shape[1]} tokens, "
+    print(f"W5: SmolLM2-135M-Instruct (ours: float32 masters computing in the named dtype; transformers: the model "
+          f"in it), prompts of {prompts.shape[1]} tokens, "
           f"{NEW_TOKENS} new tokens; median of {args.repeats} interleaved repeats; "
           f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
     tokens = {"sample_b1": NEW_TOKENS, "sample_b32": PROMPTS * SAMPLES * NEW_TOKENS}
     for (side, w), t in times.items():
         med = statistics.median(t)
         rate = f"{tokens[w] / med:7.1f} new tokens/s" if w in tokens else ""
-        print(f"  {side:16s} {w:11s} {med:7.3f} s  {rate}")
+        print(f"  {side:22s} {w:11s} {med:7.3f} s  {rate}")
+    for w in workloads:  # each side at its fastest precision
+        best = {}
+        for (side, w2), t in times.items():
+            name = side.split()[0]
+            if w2 == w and statistics.median(t) < best.get(name, (float("inf"),))[0]:
+                best[name] = (statistics.median(t), side)
+        for name, (t, side) in best.items():
+            if name != "ours":
+                print(f"  {w}: ours at its best ({best['ours'][1]}) / {name} at its best ({side}) = "
+                      f"{t / best['ours'][0]:.2f}× faster")
     if args.breakdown:
         from bench_sampler import decode_breakdown
 

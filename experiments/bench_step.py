@@ -13,17 +13,19 @@ per step; SFPO (K = 3, alpha 0.8) makes K+1 = 4 on the same batch.
 
 The peer is TRL's `GRPOTrainer` (optional, not a dependency of this project: `pip install trl==1.16.0`; skipped
 with a note when absent) with `num_generations=8`, `per_device_train_batch_size=16`, `max_completion_length=128`,
-`min_new_tokens=128` (no early stop), `beta=0`, one optimizer step per generation batch, float32 and no gradient
-checkpointing (TRL's defaults are bf16 autocast and gradient checkpointing; both would only slow it down on this
-CPU), timed between consecutive `on_step_end` callbacks. Both sides use one word-level tokenizer (`t<id>` words),
-so a prompt string encodes to exactly its 64 ids and both reward functions read the same texts.
+`min_new_tokens=128` (no early stop), `beta=0`, one optimizer step per generation batch, no gradient checkpointing
+(TRL's default; it only slows it down here), timed between consecutive `on_step_end` callbacks. Every side runs in
+every one of `--dtypes`: ours float32 masters computing in it (`model.compute_dtype`), TRL float32 or `bf16=True`
+(float32 weights, bfloat16 autocast), and the headline ratio takes each side at its fastest. Both sides use one
+word-level tokenizer (`t<id>` words), so a prompt string encodes to exactly its 64 ids and both reward functions
+read the same texts.
 
 The bench model (Qwen2 architecture, every matrix ~ N(0, 0.05²), hidden 512, inter 1408, 8 layers, 8 heads, 2 kv
 heads, vocab 32000, tied, float32) is written once with PyTorch transformers into `--model-dir`. Figure: median
 seconds per step over `--steps` timed steps after one untimed first step (compilation, allocator warm-up), per
 phase as well for ours; ours runs before and after the peer, and the report gives both blocks and their union.
 
-    python experiments/bench_step.py --steps 5
+    python experiments/bench_step.py --steps 5 [--dtypes float32,bfloat16]
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class OursStep:
     """One step of our trainer: `sfpo_jax.train.make_rl_step`, the step function `train()` itself calls, with its
     phases timed by its own `PhaseTimer`."""
 
-    def __init__(self, path: Path, algo: str, tokenizer, model=None):
+    def __init__(self, path: Path, algo: str, tokenizer, model=None, compute_dtype: str = "float32"):
         import jax
         import jax.numpy as jnp
 
@@ -84,14 +86,15 @@ class OursStep:
         from sfpo_jax.train.loop import mesh_from_config
 
         cfg = load_config(None, [
-            f"algo={algo}", f"model.path={path}", "model.param_dtype=float32",
+            f"algo={algo}", f"model.path={path}", "model.param_dtype=float32", f"model.compute_dtype={compute_dtype}",
             f"rollout.prompts_per_step={PROMPTS}", f"rollout.group_size={GROUP}",
             f"rollout.max_prompt_length={PROMPT_LEN}", f"rollout.max_new_tokens={NEW_TOKENS}",
             "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=0", "rollout.num_minibatches=1",
             "loss.kl_coef=0.0", "sfpo.num_fast_steps=3", "sfpo.alpha=0.8", "run.seed=0",
         ])
         mesh = mesh_from_config(cfg)
-        self.model = model if model is not None else from_pretrained(path, dtype=jnp.float32, mesh=mesh)
+        self.model = model if model is not None else from_pretrained(
+            path, dtype=jnp.float32, compute_dtype=jnp.dtype(compute_dtype), mesh=mesh)
         reward = lambda texts, answers: np.asarray([even_fraction(t) for t in texts], np.float32)
         # The update donates its state: each algorithm gets a private copy of the shared model's params.
         self.rl_step, state = make_rl_step(self.model, tokenizer, reward, cfg.optimizer(), cfg.rollout, cfg.loss,
@@ -128,9 +131,9 @@ def bench_ours(steps: dict[str, OursStep], num_steps: int, seed: int) -> dict[st
 # ------------------------------------------------------------------------------------------------------------- TRL
 
 
-def bench_trl(path: Path, tokenizer, num_steps: int, seed: int) -> dict:
+def bench_trl(path: Path, tokenizer, num_steps: int, seed: int, dtype: str = "float32") -> dict:
     """`num_steps` GRPOTrainer steps; wall and process CPU seconds between consecutive `on_step_end` (the first
-    from `on_train_begin`)."""
+    from `on_train_begin`). `dtype="bfloat16"`: TRL's `bf16=True` (float32 weights, bfloat16 autocast)."""
     import torch
     import trl
     from datasets import Dataset
@@ -155,7 +158,7 @@ def bench_trl(path: Path, tokenizer, num_steps: int, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = trl.GRPOConfig(
             output_dir=out, report_to="none", save_strategy="no", logging_steps=10 * num_steps, use_cpu=True,
-            bf16=False, gradient_checkpointing=False, seed=seed, max_steps=num_steps,
+            bf16=dtype == "bfloat16", gradient_checkpointing=False, seed=seed, max_steps=num_steps,
             per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP, gradient_accumulation_steps=1,
             steps_per_generation=1, num_iterations=1, beta=0.0, max_completion_length=NEW_TOKENS,
             temperature=1.0, top_p=1.0, top_k=0, generation_kwargs={"min_new_tokens": NEW_TOKENS},
@@ -180,6 +183,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side, after one untimed first step")
     parser.add_argument("--no-peer", action="store_true", help="skip TRL")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="compute dtypes, each side in each (ours: float32 masters; TRL: bf16 autocast)")
     parser.add_argument("--model-dir", type=Path,
                         default=Path(os.environ.get("SFPO_BENCH_DIR", tempfile.gettempdir())) / "sfpo_bench_qwen2")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
@@ -190,22 +195,30 @@ def main():
     path = make_checkpoint(args.model_dir)
     tokenizer = make_tokenizer()
     load_before = os.getloadavg()[0]
-    grpo = OursStep(path, "grpo", tokenizer)
-    steps = {"grpo": grpo, "sfpo": OursStep(path, "sfpo", tokenizer, model=grpo.model)}
+    dtypes = args.dtypes.split(",")
+    steps = {}
+    for dtype in dtypes:
+        grpo = OursStep(path, "grpo", tokenizer, compute_dtype=dtype)
+        steps[f"grpo {dtype}"] = grpo
+        steps[f"sfpo {dtype}"] = OursStep(path, "sfpo", tokenizer, model=grpo.model, compute_dtype=dtype)
     bench_ours(steps, 1, seed=10_000)  # the untimed first step: compilation
     before = bench_ours(steps, args.steps, seed=0)
-    trl_result = None
+    trl_results = {}
     if not args.no_peer:
-        try:
-            trl_result = bench_trl(path, tokenizer, args.steps + 1, seed=0)
-        except ImportError as e:
-            trl_result = dict(skipped=f"not importable: {e}")
-    after = bench_ours(steps, args.steps, seed=1_000) if trl_result and "times" in trl_result else {}
+        for dtype in dtypes:
+            try:
+                trl_results[dtype] = bench_trl(path, tokenizer, args.steps + 1, seed=0, dtype=dtype)
+            except ImportError as e:
+                trl_results = dict(skipped=f"not importable: {e}")
+                break
+    ran_trl = trl_results and "skipped" not in trl_results
+    after = bench_ours(steps, args.steps, seed=1_000) if ran_trl else {}
 
     print(f"W2: {PROMPTS} prompts × {GROUP} completions, {PROMPT_LEN}-token random prompts, {NEW_TOKENS} new tokens "
           f"(no early stop), one AdamW step per optimizer call, no KL; {platform.machine()}, {os.cpu_count()} cores, "
           f"jax {jax.__version__}; load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end; "
-          f"median s/step over {args.steps} timed steps after one untimed step")
+          f"median s/step over {args.steps} timed steps after one untimed step; ours: float32 masters computing "
+          f"in the named dtype")
     med, cpu = {}, {}
     for name in steps:
         rows = before[name] + after.get(name, [])
@@ -213,21 +226,26 @@ def main():
         cpu[name] = statistics.median(r["cpu"] for r in rows)
         phases = ", ".join(f"{k} {statistics.median(r[k] for r in rows):.2f}" for k in ("sample", "score", "update"))
         blocks = " / ".join(f"{statistics.median(r['step'] for r in b[name]):.2f}" for b in (before, after) if b)
-        print(f"  ours {name:5s} {med[name]:6.2f} s/step, {cpu[name]:6.2f} CPU s/step ({rows[0]['calls']} optimizer "
+        print(f"  ours {name:14s} {med[name]:6.2f} s/step, {cpu[name]:6.2f} CPU s/step ({rows[0]['calls']} optimizer "
               f"calls; wall phases: {phases}; blocks before / after the peer: {blocks}; steps "
               f"{', '.join(f'{x:.1f}' for x in (r['step'] for r in rows))})")
-    if trl_result is not None and "times" in trl_result:
-        t, c = trl_result["times"][1:], trl_result["cpu"][1:]
-        trl_med, trl_cpu = statistics.median(t), statistics.median(c)
-        print(f"  TRL {trl_result['version']} GRPOTrainer {trl_med:6.2f} s/step, {trl_cpu:6.2f} CPU s/step "
-              f"(torch threads {trl_result['threads']}; steps {', '.join(f'{x:.1f}' for x in t)}; mean completion "
-              f"length {trl_result['mean_completion_length']})")
-        for name in steps:
-            print(f"  TRL / ours {name}: {trl_med / med[name]:.2f}× wall, {trl_cpu / cpu[name]:.2f}× CPU")
-    elif trl_result is not None:
-        print(f"  TRL skipped ({trl_result['skipped']})")
+    if ran_trl:
+        trl_med = {}
+        for dtype, result in trl_results.items():
+            t, c = result["times"][1:], result["cpu"][1:]
+            trl_med[dtype] = statistics.median(t)
+            print(f"  TRL {result['version']} GRPOTrainer {dtype:8s} {trl_med[dtype]:6.2f} s/step, "
+                  f"{statistics.median(c):6.2f} CPU s/step (torch threads {result['threads']}; steps "
+                  f"{', '.join(f'{x:.1f}' for x in t)}; mean completion length {result['mean_completion_length']})")
+        trl_best = min(trl_med, key=trl_med.get)
+        for algo in ("grpo", "sfpo"):
+            ours_best = min((n for n in steps if n.startswith(algo)), key=med.get)
+            print(f"  TRL at its best ({trl_best}) / ours {algo} at its best ({ours_best}): "
+                  f"{trl_med[trl_best] / med[ours_best]:.2f}× wall")
+    elif trl_results:
+        print(f"  TRL skipped ({trl_results['skipped']})")
     if args.json:
-        args.json.write_text(json.dumps(dict(before=before, after=after, trl=trl_result), default=float))
+        args.json.write_text(json.dumps(dict(before=before, after=after, trl=trl_results), default=float))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ load average ~9: a 2 × 64 forward took 1.3–3.7 s with `OMP_WAIT_POLICY=ACTIVE
 `OMP_WAIT_POLICY=PASSIVE` unless the caller's environment sets it: it loads the checkpoint once, then answers one
 command per stdin line with the seconds the call took, so the caller can interleave it with its own timings.
 
-    python experiments/torch_peer.py MODEL_DIR
+    python experiments/torch_peer.py MODEL_DIR [float32|bfloat16]
     stdin:  generate SEED NEW_TOKENS IDS.npy | forward IDS.npy | grad IDS.npy | quit
     stdout: a line "ready THREADS", then one float per command (seconds)
 
@@ -27,11 +27,14 @@ import numpy as np
 
 
 class TorchPeer:
-    """A running worker: `peer.time("forward", ids)` → seconds of that call in the worker."""
+    """A running worker: `peer.time("forward", ids)` → seconds of that call in the worker. `dtype`: the model's
+    parameters and compute ("bfloat16": the whole model cast, PyTorch's fastest CPU mode on AVX512-BF16)."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, dtype: str = "float32"):
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={dtype!r} must be float32 or bfloat16")
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
-        self._proc = subprocess.Popen([sys.executable, __file__, str(model_dir)], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([sys.executable, __file__, str(model_dir), dtype], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, env=env)
         self._tmp = tempfile.TemporaryDirectory()
         ready = self._proc.stdout.readline().split()
@@ -60,7 +63,8 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+    dtype = getattr(torch, sys.argv[2] if len(sys.argv) > 2 else "float32")
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=dtype).eval()
     print(f"ready {torch.get_num_threads()}", flush=True)
     for line in sys.stdin:
         cmd, *args = line.split()

@@ -152,8 +152,9 @@ def test_bench_sampler_breakdown_attributes_decode_time_to_source_ops(tmp_path):
     assert [ms for ms, _, _ in rows] == sorted((ms for ms, _, _ in rows), reverse=True)
     labels = [label for _, _, label in rows]
     # Each layer's projections and the tied LM head (table-first: [vocab, batch]) are named by shape and source.
-    assert "f32[8,48]{1,0} dot_general" in labels  # gate and up, 2 per layer
-    assert dict((label, n) for _, n, label in rows)["f32[8,48]{1,0} dot_general"] == 4
+    # Products are named by their einsum spec (`Dense` writes its own, `abc,cd->abd` for [B, 1, E] @ [E, M]).
+    assert "f32[8,48]{1,0} abc,cd->abd" in labels  # gate and up, 2 per layer
+    assert dict((label, n) for _, n, label in rows)["f32[8,48]{1,0} abc,cd->abd"] == 4
     assert any(label.startswith(f"f32[{vocab},8]") for label in labels)
 
 

@@ -37,7 +37,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sfpo_jax.models import KVCache
+from sfpo_jax.models import KVCache, cast_product_operands
 from sfpo_jax.parallel import logical_sharding, param_shardings, to_global
 from sfpo_jax.sampling.config import SamplingConfig
 from sfpo_jax.sampling.ops import sample_with_logprobs
@@ -172,7 +172,7 @@ class Sampler:
         self._graphdef, state = nnx.split(model)
         self._param_shardings = None if mesh is None else param_shardings(state, mesh, rules)
         self.compute_dtype = getattr(model, "dtype", None)
-        self._cast = None  # the jitted cast of float params to the compute dtype, built on first use
+        self._cast = None  # the jitted `cast_product_operands`, built on first use
         batch_shards = 1
         if mesh is not None:
             spec = logical_sharding(mesh, ("batch",), rules).spec[0]
@@ -278,14 +278,16 @@ class Sampler:
         return np.asarray(x)
 
     def _compute_params(self, state):
-        """`state` with every float leaf in the compute dtype (once per `generate` call, so that neither program
-        casts a weight per decode step); `state` itself when nothing needs a cast (params already in it)."""
+        """`state` with the model's product operands in the compute dtype (`cast_product_operands`; once per
+        `generate` call, so that neither program casts a weight per decode step); `state` itself when nothing
+        needs a cast (params already in it)."""
         dtype = self.compute_dtype
-        needs = lambda x: jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype
-        if dtype is None or not any(needs(x) for x in jax.tree.leaves(state)):
+        if dtype is None:
+            return state
+        cast = lambda tree: cast_product_operands(tree, dtype)
+        if all(a is b for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(cast(state)), strict=True)):
             return state
         if self._cast is None:
-            cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype) if needs(x) else x, tree)
             placed = {} if self._param_shardings is None else {"out_shardings": self._param_shardings}
             self._cast = jax.jit(cast, **placed)
         return self._cast(state)
