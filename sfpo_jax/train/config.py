@@ -47,8 +47,10 @@ class PolicyConfig:
 
     Precision as in the official runs: ``param_dtype`` is the dtype of the parameters, the optimizer state and
     SFPO's slow copy (the master weights: keep float32, since an AdamW step at lr 1e-6 is below bfloat16's
-    resolution for almost every weight); ``compute_dtype`` the dtype of the forward and backward passes and of
-    sampling (None: ``param_dtype``). Log-probs and losses are float32 either way."""
+    resolution for almost every weight); ``compute_dtype`` the dtype of every matrix product's operands in the
+    forward and backward passes and in sampling, accumulated in float32, and of the KV cache (None:
+    ``param_dtype``). Activations between products, log-probs and losses are float32 either way (see
+    ``sfpo_jax.models.CausalLM``). bfloat16 is also the faster setting on a CPU with AVX512-BF16 (BENCHMARKS.md)."""
 
     path: str = "warmup"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
