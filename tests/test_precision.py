@@ -383,3 +383,5 @@ def test_einsum_f32_gradients_are_products_in_the_compute_dtype():
     assert not np.allclose(db, jnp.einsum("bte,btv->ev", a, g, precision="highest"), rtol=1e-4)  # it does round
     with pytest.raises(ValueError, match="every index"):
         einsum_f32("bte,ev->bt", a, b)
+    with pytest.raises(ValueError, match="every index"):  # also when differentiated (the custom VJP's forward)
+        jax.grad(lambda a: einsum_f32("bte,ev->bt", a, b).sum())(a)

@@ -139,6 +139,7 @@ def einsum_f32(subscripts: str, a: jax.Array, b: jax.Array, dtype=None) -> jax.A
         operand) and once per term (no diagonal).
       dtype: the operands' dtype in the products, e.g. `model.dtype`.
     """
+    _terms(subscripts)  # checked here, where both the primal and the differentiated call pass
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.promote_types(a.dtype, b.dtype)
     return _einsum_f32(subscripts, dtype, jnp.dtype(a.dtype), jnp.dtype(b.dtype), a, b)
 
@@ -155,7 +156,6 @@ def _terms(subscripts: str) -> tuple[str, str, str]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _einsum_f32(subscripts, dtype, a_dtype, b_dtype, a, b):
-    _terms(subscripts)
     return jnp.einsum(subscripts, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
