@@ -225,6 +225,17 @@ def make_tunix(path: Path, prompts: np.ndarray, dtype: str = "float32"):
     return run
 
 
+def fastest(speeds: dict[str, float]) -> dict[str, str]:
+    """`{side: name}`, each side's fastest entry of `speeds` (higher is faster), keyed `"<side> <precision>"`: the
+    side at its fastest precision, what the benchmarks' headline ratios compare."""
+    best = {}
+    for name, speed in speeds.items():
+        side = name.split()[0]
+        if side not in best or speed > speeds[best[side]]:
+            best[side] = name
+    return best
+
+
 def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -292,12 +303,7 @@ def main():
     rate = {name: new_tokens / statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
         print(f"  {name:22s} {rate[name]:8.1f} new tokens/s  (median {statistics.median(t):.3f} s)")
-    # Each side at its fastest precision on this machine.
-    best = {}
-    for name, r in rate.items():
-        side = name.split()[0]
-        if r > rate.get(best.get(side), 0.0):
-            best[side] = name
+    best = fastest(rate)
     for side, name in best.items():
         if side != "ours":
             print(f"  ours at its best ({best['ours']}) / {side} at its best ({name}) = "

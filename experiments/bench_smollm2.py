@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_sampler import decode_breakdown, fastest  # shared by the benchmarks
 
 NEW_TOKENS, PROMPTS, SAMPLES, GRAD_SHAPE = 64, 8, 4, (8, 128)
 
@@ -145,13 +146,14 @@ def main():
     prompts = make_prompts(PROMPTS)
     grad_ids = np.random.default_rng(1).integers(0, 49152, GRAD_SHAPE).astype(np.int32)
     load_before = os.getloadavg()
+    dtypes = args.dtypes.split(",")
     sides, samplers = {}, {}
-    for dtype in args.dtypes.split(","):
+    for dtype in dtypes:
         sides[f"ours {dtype}"], model, samplers[dtype] = make_ours(prompts, grad_ids, dtype)
     if not args.no_peer:
-        for dtype in args.dtypes.split(","):
+        for dtype in dtypes:
             sides[f"transformers {dtype}"] = make_torch(model, prompts, grad_ids, args.model_dir, dtype)
-    sampler = samplers[dtype]
+    sampler = samplers[dtypes[-1]]  # the one `--breakdown` profiles
     workloads = next(iter(sides.values()))
     if args.llama_cpp:
         sides.update(make_llama_cpp(args.llama_cpp, args.model_dir.with_name("sfpo_smollm2_gguf"), prompts.shape[1]))
@@ -176,19 +178,14 @@ def main():
         med = statistics.median(t)
         rate = f"{tokens[w] / med:7.1f} new tokens/s" if w in tokens else ""
         print(f"  {side:22s} {w:11s} {med:7.3f} s  {rate}")
-    for w in workloads:  # each side at its fastest precision
-        best = {}
-        for (side, w2), t in times.items():
-            name = side.split()[0]
-            if w2 == w and statistics.median(t) < best.get(name, (float("inf"),))[0]:
-                best[name] = (statistics.median(t), side)
-        for name, (t, side) in best.items():
+    for w in workloads:
+        seconds = {side: statistics.median(t) for (side, w2), t in times.items() if w2 == w}
+        best = fastest({side: 1 / s for side, s in seconds.items()})
+        for name, side in best.items():
             if name != "ours":
-                print(f"  {w}: ours at its best ({best['ours'][1]}) / {name} at its best ({side}) = "
-                      f"{t / best['ours'][0]:.2f}× faster")
+                print(f"  {w}: ours at its best ({best['ours']}) / {name} at its best ({side}) = "
+                      f"{seconds[side] / seconds[best['ours']]:.2f}× faster")
     if args.breakdown:
-        from bench_sampler import decode_breakdown
-
         sampler._programs = {k: v for k, v in sampler._programs.items() if k[0] == PROMPTS * SAMPLES}
         rows = decode_breakdown(sampler, np.repeat(prompts, SAMPLES, axis=0), tempfile.mkdtemp(), NEW_TOKENS, top=16)
         profiled = sum(ms for ms, _, _ in rows)

@@ -159,6 +159,12 @@ def test_bench_sampler_breakdown_attributes_decode_time_to_source_ops(tmp_path):
     assert any(label.startswith(f"f32[{vocab},8]") for label in labels)
 
 
+def test_bench_fastest_picks_each_side_at_its_fastest_precision():
+    speeds = {"ours float32": 1.0, "ours bfloat16": 2.0, "tunix float32": 3.0, "tunix bfloat16": 2.5}
+    assert bench_sampler.fastest(speeds) == {"ours": "ours bfloat16", "tunix": "tunix float32"}
+    assert bench_sampler.fastest({"ours float32": 1.0}) == {"ours": "ours float32"}
+
+
 def test_bench_sampler_prefill_memory_compares_the_two_prefills():
     gb = bench_sampler.prefill_memory(batch=2, prompt_len=64, new_tokens=512)
     # The sampler's prefill attends over its 63 prompt columns, the full-length one over all 576 slots.
