@@ -44,11 +44,12 @@ dtype, command), paste the printed markdown table under it, and commit the JSON 
 experiments/results/bench_gpu_<device>_<dtype>_<date>.json. Compare devices or commits by the fractions of floor
 rather than absolute times, and rerun a baseline in the same session when comparing a change.
 
-JSON (`--out`, default bench_gpu.json): {"machine": {device_kind, platform, device_count, jax, jaxlib, flax, optax,
-python, hostname, cpu_count, date}, "command", "settings": {dtype, param_dtype, compute_dtype, tiny, repeats, warmup,
-model: {...architecture, num_params, matmul_params}, workloads: {...sizes}}, "peaks": {hbm_gbps, peak_tflops, source},
-"figures": {name: {value, unit, better, floor, fraction_of_floor, floor_basis, samples}}, "elapsed_s": {...},
-"notes": [...]}; `floor` and `fraction_of_floor` are numbers or "unknown".
+JSON (`--out`, default bench_gpu.json), rewritten as each workload finishes (`"complete": false` until the last), so a
+run cut short keeps what it measured: {"machine": {device_kind, platform, device_count, jax, jaxlib, flax, optax,
+python, hostname, cpu_count, date}, "command", "complete", "settings": {dtype, param_dtype, compute_dtype, tiny,
+repeats, warmup, model: {...architecture, num_params, matmul_params}, workloads: {...sizes}}, "peaks": {hbm_gbps,
+peak_tflops, source}, "figures": {name: {value, unit, better, floor, fraction_of_floor, floor_basis, samples}},
+"elapsed_s": {...}, "notes": [...]}; `floor` and `fraction_of_floor` are numbers or "unknown".
 """
 
 from __future__ import annotations
@@ -551,6 +552,32 @@ def main(argv: list[str] | None = None) -> dict:
     cost = Cost(model, args.dtype)
     sampler = Sampler(model, prompt_buckets=(sizes.w1_prompt,))
     raw, elapsed = {}, {}
+
+    def write(complete: bool) -> dict:
+        """The JSON document of the workloads run so far (rewritten after each, so a run cut short keeps them)."""
+        result = dict(
+            machine=machine, command=command, complete=complete,
+            settings=dict(dtype=args.dtype, param_dtype="float32", compute_dtype=args.dtype, tiny=args.tiny,
+                          repeats=args.repeats, warmup=args.warmup,
+                          model=dict(architecture="qwen2", **sizes.arch, num_params=cost.params,
+                                     matmul_params=cost.matmul),
+                          workloads=dict(w1=dict(prompts=sizes.w1_batch, prompt_tokens=sizes.w1_prompt,
+                                                 new_tokens=sizes.w1_new, temperature=1.0),
+                                         w2=dict(prompts=sizes.w2_prompts, group=sizes.w2_group,
+                                                 prompt_tokens=sizes.w1_prompt, new_tokens=sizes.w1_new,
+                                                 sfpo_num_fast_steps=K, sfpo_alpha=ALPHA),
+                                         w3=dict(sfpo_num_fast_steps=K, sfpo_alpha=ALPHA,
+                                                 state_bytes={k: v["state_bytes"] for k, v in
+                                                              raw.get("w3", {}).items()}),
+                                         model=dict(shapes=[f"{r}x{t}" for r, t in sizes.shapes]))),
+            peaks=dict(hbm_gbps=peaks.hbm_gbps or UNKNOWN, peak_tflops=peaks.peak_tflops or UNKNOWN,
+                       source=peaks.source),
+            figures=figures(raw, cost, sizes, peaks), elapsed_s=elapsed,
+            notes=["floor/fraction_of_floor: see the docstring of experiments/bench_gpu.py; fraction = floor time / "
+                   "our time (for tokens/s, ours / the ceiling)"])
+        args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+        return result
+
     for name, run in (("w1", lambda: run_w1(sampler, sizes, args.repeats, args.warmup)),
                       ("w2", lambda: run_w2(model, sampler, sizes, args.dtype, args.repeats, args.warmup)),
                       ("w3", lambda: run_w3(model, args.repeats, args.warmup)),
@@ -558,33 +585,13 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         raw[name] = run()
         elapsed[name] = time.perf_counter() - t0
+        write(complete=False)
         print(f"  {name} done in {elapsed[name]:.1f} s", flush=True)
     elapsed["total"] = time.perf_counter() - start
     if elapsed["total"] > 600:
         print(f"WARNING: {elapsed['total']:.0f} s in all, over the 10 minutes this benchmark must keep to")
-
-    figs = figures(raw, cost, sizes, peaks)
-    print(table(figs))
-    result = dict(
-        machine=machine, command=command,
-        settings=dict(dtype=args.dtype, param_dtype="float32", compute_dtype=args.dtype, tiny=args.tiny,
-                      repeats=args.repeats, warmup=args.warmup,
-                      model=dict(architecture="qwen2", **sizes.arch, num_params=cost.params,
-                                 matmul_params=cost.matmul),
-                      workloads=dict(w1=dict(prompts=sizes.w1_batch, prompt_tokens=sizes.w1_prompt,
-                                             new_tokens=sizes.w1_new, temperature=1.0),
-                                     w2=dict(prompts=sizes.w2_prompts, group=sizes.w2_group,
-                                             prompt_tokens=sizes.w1_prompt, new_tokens=sizes.w1_new,
-                                             sfpo_num_fast_steps=K, sfpo_alpha=ALPHA),
-                                     w3=dict(sfpo_num_fast_steps=K, sfpo_alpha=ALPHA,
-                                             state_bytes={k: v["state_bytes"] for k, v in raw["w3"].items()}),
-                                     model=dict(shapes=[f"{r}x{t}" for r, t in sizes.shapes]))),
-        peaks=dict(hbm_gbps=peaks.hbm_gbps or UNKNOWN, peak_tflops=peaks.peak_tflops or UNKNOWN,
-                   source=peaks.source),
-        figures=figs, elapsed_s=elapsed,
-        notes=["floor/fraction_of_floor: see the docstring of experiments/bench_gpu.py; fraction = floor time / "
-               "our time (for tokens/s, ours / the ceiling)"])
-    args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    result = write(complete=True)
+    print(table(result["figures"]))
     print(f"wrote {args.out} ({elapsed['total']:.0f} s in all)")
     return result
 

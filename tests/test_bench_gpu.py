@@ -36,6 +36,7 @@ def test_tiny_run_on_cpu_writes_every_figure(tmp_path):
     result = json.loads(out.read_text())
 
     assert result["machine"]["platform"] == "cpu" and result["machine"]["jax"] and result["machine"]["date"]
+    assert result["complete"] is True
     assert "--tiny" in result["command"] and result["settings"]["compute_dtype"] == "bfloat16"
     assert result["peaks"] == {"hbm_gbps": "unknown", "peak_tflops": "unknown",
                                "source": f"{result['machine']['device_kind']!r} not in the table"}
@@ -50,6 +51,22 @@ def test_tiny_run_on_cpu_writes_every_figure(tmp_path):
     # The printed table: one row per figure, and where the JSON went.
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| w") or line.startswith("| model/")]
     assert len(rows) == len(TINY_FIGURES) and f"wrote {out}" in proc.stdout
+
+
+def test_a_run_cut_short_keeps_the_workloads_it_finished(tmp_path, monkeypatch):
+    """The JSON is rewritten after each workload: a failure in W2 leaves W1's figures, marked incomplete."""
+    out = tmp_path / "bench.json"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("W2 broke")
+
+    monkeypatch.setattr(bench_gpu, "run_w2", fail)
+    with pytest.raises(RuntimeError, match="W2 broke"):
+        bench_gpu.main(["--tiny", "--repeats", "3", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and set(result["elapsed_s"]) == {"w1"}
+    assert set(result["figures"]) == {"w1/new_tokens_per_s", "w1/decode_step_ms", "w1/first_token_ms"}
+    assert result["settings"]["workloads"]["w3"]["state_bytes"] == {}
 
 
 @pytest.mark.parametrize(("kind", "platform", "dtype", "expected"), [
