@@ -75,8 +75,9 @@ def main():
     peers = {dt: TorchPeer(path, dt) for dt in dtypes}
 
     n_params = sum(x.size for x in jax.tree.leaves(models[dtypes[0]][1]))
+    peer = peers[dtypes[0]]
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus; jax {jax.__version__} ({jax.devices()[0].platform}),"
-          f" torch {torch.__version__} ({peers[dtypes[0]].threads} threads, own process), transformers "
+          f" torch {torch.__version__} ({peer.device}, {peer.threads} threads, own process), transformers "
           f"{transformers.__version__}; {n_params / 1e6:.1f}M params; dtypes {dtypes} (ours: float32 masters "
           f"computing in it; PyTorch: the model in it); load average {os.getloadavg()[0]:.1f}")
 

@@ -9,7 +9,10 @@ command per stdin line with the seconds the call took, so the caller can interle
 
     python experiments/torch_peer.py MODEL_DIR [float32|bfloat16]
     stdin:  generate SEED NEW_TOKENS IDS.npy | forward IDS.npy | grad IDS.npy | quit
-    stdout: a line "ready THREADS", then one float per command (seconds)
+    stdout: a line "ready THREADS DEVICE", then one float per command (seconds)
+
+The model runs on the GPU when PyTorch sees one (each timed call then ends with `torch.cuda.synchronize()`), else on
+the CPU.
 
 `TorchPeer` is the client the benchmarks use.
 """
@@ -40,7 +43,7 @@ class TorchPeer:
         ready = self._proc.stdout.readline().split()
         if not ready or ready[0] != "ready":
             raise RuntimeError(f"torch_peer did not start (got {ready!r})")
-        self.threads = int(ready[1])
+        self.threads, self.device = int(ready[1]), ready[2]
 
     def time(self, cmd: str, ids: np.ndarray, *args) -> float:
         path = Path(self._tmp.name) / f"{ids.shape[0]}x{ids.shape[1]}.npy"
@@ -64,13 +67,16 @@ def main():
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, sys.argv[2] if len(sys.argv) > 2 else "float32")
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=dtype).eval()
-    print(f"ready {torch.get_num_threads()}", flush=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=dtype).to(device).eval()
+    print(f"ready {torch.get_num_threads()} {device}", flush=True)
     for line in sys.stdin:
         cmd, *args = line.split()
         if cmd == "quit":
             break
-        ids = torch.tensor(np.load(args[-1]), dtype=torch.long)
+        ids = torch.tensor(np.load(args[-1]), dtype=torch.long, device=device)
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         if cmd == "generate":
             torch.manual_seed(int(args[0]))
@@ -91,6 +97,8 @@ def main():
             loss.backward()
         else:
             raise ValueError(f"unknown command {cmd!r}")
+        if device == "cuda":  # CUDA calls return before the GPU is done
+            torch.cuda.synchronize()
         print(time.perf_counter() - start, flush=True)
 
 
