@@ -201,6 +201,35 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype=None
     return out.reshape(b, kvh, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype,
+                 implementation: str = "cudnn") -> jax.Array:
+    """`attend` as one fused cuDNN flash-attention kernel (`jax.nn.dot_product_attention`), NVIDIA GPUs only
+    (`implementation="xla"` runs JAX's unfused reference on any backend: the tests' check of this wiring).
+
+    The `[B, KVH, G·T, S]` scores and probabilities never reach device memory, which is what bounds `attend` at long
+    sequences on a GPU. Products take `dtype` operands (bfloat16 or float16: cuDNN has no float32 kernel) with
+    float32 accumulation and a float32 softmax, as `attend`; the output is rounded to `dtype` once, then widened.
+    The mask enters as an additive bias (`jax.nn.dot_product_attention` turns a boolean mask into one).
+
+    Experimental. Measured on one H200 (`experiments/attention_check.py`, BENCHMARKS.md "GPU"): forward+backward
+    1.94x `attend`'s at 4 x 2048 tokens and 1.32x at 8 x 512, gradient cosine 0.9998 to it; but at 16 x 192 with
+    48-token left padding one of the two paths' gradients held a NaN, and that run could not tell which. Until a GPU
+    run settles it, the trainer does not offer this path; only `CausalLM(attention="cudnn")` does.
+
+    Args:
+      q: `[B, T, H, D]`; k, v: `[B, S, KVH, D]`, H a multiple of KVH.
+      mask: `[B, T, S] bool`, whether query t may attend to key s.
+    Returns:
+      `[B, T, H, D] float32`.
+    """
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+    return out.astype(jnp.float32)
+
+
+ATTENTION = ("einsum", "cudnn")  # `CausalLM.attention`'s choices
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
         e, h, kvh, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -217,14 +246,17 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, rope, mask, kv=None, layer=0, index=None):
+    def __call__(self, x, rope, mask, kv=None, layer=0, index=None, attention="einsum"):
         """x `[B, T, E]`, rope `rope_angles(...)`, mask `[B, T, S] bool`. Without `kv`, S = T and the keys are
         this call's; with `kv = (k_all, v_all)` (`KVCache.k`, `.v`), this call's keys are written into layer `layer`
-        at slot `index` and attention runs over all S slots. Returns `(y [B, T, E], kv)`."""
+        at slot `index` and attention runs over all S slots. `attention="cudnn"` runs the cache-less path through
+        `attend_fused`. Returns `(y [B, T, E], kv)`."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if kv is None and attention == "cudnn":
+            return self.o_proj(attend_fused(q, k, v, mask, self.dtype)), kv
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, KVH, D, T], [B, KVH, T, D]
         if kv is not None:
             k_all, v_all = kv
@@ -260,8 +292,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, **kw, rngs=rngs)
 
-    def __call__(self, x, rope, mask, kv=None, layer=0, index=None):
-        h, kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, layer, index)
+    def __call__(self, x, rope, mask, kv=None, layer=0, index=None, attention="einsum"):
+        h, kv = self.self_attn(self.input_layernorm(x), rope, mask, kv, layer, index, attention)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -280,14 +312,23 @@ class CausalLM(nnx.Module):
       rngs: initialisation keys (`from_pretrained` overwrites every parameter).
       remat: rematerialise each layer's activations in the backward pass (`nnx.remat`), trading compute for
         memory on long training sequences; the gradients are the same.
+      attention: how a call without a cache (the learner's forward and backward) attends: `"einsum"`, the
+        products of `attend` on any backend; or `"cudnn"`, one fused flash-attention kernel (`attend_fused`:
+        NVIDIA GPUs, a bfloat16 or float16 compute dtype). Decoding with a cache always uses `attend`.
     """
 
     def __init__(self, config: ModelConfig, *, param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs,
-                 remat: bool = False):
+                 remat: bool = False, attention: str = "einsum"):
         self.config = config
         self.param_dtype = param_dtype
         self.dtype = dtype or param_dtype
         self.remat = remat
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r} must be one of {ATTENTION}")
+        if attention == "cudnn" and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype, got "
+                             f"{jnp.dtype(self.dtype)}")
+        self.attention = attention
         kw = dict(param_dtype=param_dtype, dtype=self.dtype)
         e, v = config.hidden_size, config.vocab_size
         self.embed_tokens = _param(jax.nn.initializers.normal(_INIT_STD)(rngs.params(), (v, e), param_dtype),
@@ -338,12 +379,12 @@ class CausalLM(nnx.Module):
         rope = rope_angles(positions, rope_inv_freq(self.config), max_position)
         # Rematerialisation only pays in a backward pass; the cached (sampling) path has none, and nnx.remat cannot
         # run inside the sampler's decode loop (it would mutate the params from another trace level).
-        call = nnx.remat(_call_layer, static_argnums=(5,)) if self.remat and cache is None else _call_layer
+        call = nnx.remat(_call_layer, static_argnums=(5, 7)) if self.remat and cache is None else _call_layer
         # The table's rows as a product operand sees them (in the compute dtype), so that the float32 masters and the
         # sampler's cast copy (`cast_product_operands`) embed alike.
         x = self.embed_tokens[...][input_ids].astype(self.dtype).astype(jnp.float32)
         for i, layer in enumerate(self.layers):
-            x, kv = call(layer, x, rope, attn_mask, kv, i, index)
+            x, kv = call(layer, x, rope, attn_mask, kv, i, index, self.attention)
         x = self.norm(x)
         if self.lm_head is None and t == 1:
             # Decode step: with the [V, E] table as the left operand XLA:CPU streams it about 1.7× faster than as a
@@ -380,5 +421,5 @@ def cast_product_operands(state: nnx.State, dtype) -> nnx.State:
     return jax.tree_util.tree_map_with_path(cast, state)
 
 
-def _call_layer(layer, x, rope, mask, kv, i, index):
-    return layer(x, rope, mask, kv, i, index)
+def _call_layer(layer, x, rope, mask, kv, i, index, attention):
+    return layer(x, rope, mask, kv, i, index, attention)
