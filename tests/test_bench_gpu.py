@@ -69,6 +69,17 @@ def test_a_run_cut_short_keeps_the_workloads_it_finished(tmp_path, monkeypatch):
     assert result["settings"]["workloads"]["w3"]["state_bytes"] == {}
 
 
+def test_a_subset_of_workloads(tmp_path):
+    out = tmp_path / "bench.json"
+    result = bench_gpu.main(["--tiny", "--repeats", "3", "--workloads", "w3", "--out", str(out)])
+    assert result["complete"] is True and set(result["elapsed_s"]) == {"w3", "total"}
+    assert {name.split("/")[0] for name in result["figures"]} == {"w3"}
+    with pytest.raises(SystemExit):
+        bench_gpu.main(["--tiny", "--workloads", "w3,w9"])
+    with pytest.raises(SystemExit):  # cuDNN's flash attention has no float32 kernel
+        bench_gpu.main(["--tiny", "--attention", "cudnn", "--dtype", "float32"])
+
+
 @pytest.mark.parametrize(("kind", "platform", "dtype", "expected"), [
     ("NVIDIA H100 80GB HBM3", "gpu", "bfloat16", (3350.0, 989.0)),
     ("NVIDIA H100 PCIe", "gpu", "bfloat16", (2000.0, 756.0)),

@@ -1,5 +1,5 @@
-"""The experiment scripts: compare.py end to end on a tiny random policy, ablate.py's variants and summary, and
-bench_sampler.py's profile breakdown."""
+"""The experiment scripts: compare.py end to end on a tiny random policy, ablate.py's variants and summary,
+bench_sampler.py's profile breakdown, precision_check.py and attention_check.py."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from sfpo_jax.train import load_config, read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import ablate  # noqa: E402
+import attention_check  # noqa: E402
+import bench_gpu  # noqa: E402
 import bench_sampler  # noqa: E402
 import compare  # noqa: E402
 import eval_checkpoints  # noqa: E402
@@ -190,3 +192,21 @@ def test_precision_check_compares_bf16_compute_with_float32(tmp_path, capsys):
     assert "grad_cosine" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         precision_check.main(["--model", str(path), "--new-tokens", "0"])
+
+
+def test_attention_check_compares_the_two_attention_paths(tmp_path, monkeypatch):
+    """attention_check.py on the tiny model, with JAX's unfused reference in place of the cuDNN kernel (no GPU here):
+    both gradients finite, the fused path's loss and gradient within bf16 rounding of the einsum path's, timings."""
+    from sfpo_jax.models import transformer
+
+    kernel = transformer.attend_fused
+    monkeypatch.setattr(transformer, "attend_fused",
+                        lambda q, k, v, mask, dtype: kernel(q, k, v, mask, dtype, implementation="xla"))
+    monkeypatch.setattr(attention_check, "STANDARD", bench_gpu.TINY)
+    out = tmp_path / "attention.json"
+    result = attention_check.main(["--shapes", "2x32", "--repeats", "3", "--out", str(out)])
+    row = json.loads(out.read_text())["shapes"]["2x32"]
+    assert row == result["shapes"]["2x32"]
+    assert row["einsum_grad_finite"] and row["cudnn_grad_finite"]
+    assert row["loss_rel_diff"] < 1e-3 and row["grad_rel_l2_diff"] < 0.03 and row["grad_cosine"] > 0.999
+    assert all(row[f"{path}_{p}_ms"] > 0 for path in ("einsum", "cudnn") for p in ("forward", "forward_backward"))
