@@ -224,6 +224,16 @@ def test_micro_batched_update_stays_data_parallel(policy_dir):
     assert "all-reduce" in hlo and "all-gather" not in hlo and "all-to-all" not in hlo
 
 
+def test_a_batch_that_does_not_split_over_the_mesh_is_refused_before_sampling(policy_dir, tmp_path, monkeypatch):
+    """6 rows over 8 data shards: `train` stops at setup with the sizes to change, before any rollout is sampled
+    (it used to fail inside jax's device_put after a step's sampling)."""
+    monkeypatch.setattr(Sampler, "generate", lambda *a, **k: pytest.fail("sampled before the check"))
+    cfg = load_config(None, overrides(policy_dir, tmp_path, "rollout.prompts_per_step=3", "rollout.group_size=2",
+                                      "rollout.num_minibatches=1", "mesh.data=8"))
+    with pytest.raises(ValueError, match=r"6 rows .* does not split over the mesh's 8 batch shards"):
+        train(cfg)
+
+
 def test_model_remat_config_gives_the_same_update(policy_dir):
     """``model.remat=true`` loads the policy with rematerialised layers, and one optimizer call then moves the
     params exactly as without it (within float32 reassociation)."""

@@ -161,10 +161,18 @@ def make_rl_step(model: nnx.Module, tokenizer, reward_fn: RewardFn, tx: optax.Gr
       mesh: the device mesh (None: the default device).
       reward_metrics: see :class:`RLStep` (e.g. ``task.reward_metrics``).
     """
+    rows = rollout.prompts_per_step * rollout.group_size
+    batch_sharding = None if mesh is None else logical_sharding(mesh, ("batch",))
+    if batch_sharding is not None and rows % (shards := _row_shards(batch_sharding)):
+        raise ValueError(
+            f"the learner batch of {rows} rows (rollout.prompts_per_step={rollout.prompts_per_step} x group_size="
+            f"{rollout.group_size}) does not split over the mesh's {shards} batch shards "
+            f"({dict(mesh.shape)}): make the rows a multiple of {shards}, or use a mesh whose data x fsdp size "
+            f"divides {rows}")
     graphdef, params = nnx.split(model)
     # The KL reference is the initial policy, frozen: a copy, since the update donates (overwrites) `params`.
     ref_params = jax.tree.map(jnp.copy, params) if loss.kl_coef > 0 else None
-    minibatch = rollout.prompts_per_step * rollout.group_size // rollout.num_minibatches
+    minibatch = rows // rollout.num_minibatches
     num_micro = learner.micro_batches_per_minibatch(minibatch, rollout.micro_batch_size)
     extra_logprobs = rollout.recompute_old_logprobs or ref_params is not None
     step = RLStep(
@@ -180,10 +188,17 @@ def make_rl_step(model: nnx.Module, tokenizer, reward_fn: RewardFn, tx: optax.Gr
         loss=loss,
         recompute_old_logprobs=rollout.recompute_old_logprobs,
         generation_batch_size=rollout.generation_batch_size,
-        batch_sharding=None if mesh is None else logical_sharding(mesh, ("batch",)),
+        batch_sharding=batch_sharding,
     )
     opt_state = tx.init(params)
     return step, TrainState(params, opt_state if mesh is None else replicate_unplaced(opt_state, mesh))
+
+
+def _row_shards(sharding) -> int:
+    """How many ways `sharding` (a `NamedSharding` of rows) splits its first axis."""
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return int(np.prod([sharding.mesh.shape[a] for a in axes], dtype=int))
 
 
 def nonfinite_counts(opt_state: optax.OptState) -> tuple[int, int]:
