@@ -168,6 +168,15 @@ def test_float32_masters_are_cast_once_per_generate_call(monkeypatch):
         other = Sampler(tiny_model(param_dtype, compute_dtype))
         state = nnx.state(other.model)
         assert original(other, state) is state
+    # Whether to cast is decided once per tree structure and dtypes: later calls trace nothing on the host.
+    from sfpo_jax.sampling import sampler as sampler_module
+
+    traced = []
+    counted = lambda *a: traced.append(1) or cast_product_operands(*a)
+    monkeypatch.setattr(sampler_module, "cast_product_operands", counted)
+    sampler.generate(PROMPTS, config, jax.random.key(1))
+    sampler.generate(PROMPTS, config, jax.random.key(1), params=cast)
+    assert traced == [] and sorted(sampler._needs_cast.values()) == [False, True]
 
 
 def test_sharded_bf16_sampling():
