@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from sfpo_jax.analysis.summary import plot_curves, render_markdown, summarize
+from sfpo_jax.analysis.summary import RESAMPLES, plot_curves, render_markdown, summarize
 from sfpo_jax.train.config import ConfigError, load_config
 from sfpo_jax.train.metrics import read_metrics
 
@@ -102,6 +102,18 @@ def run_all(jobs: dict[Path, list[str]], cfg, *, config: str, out: Path, workers
     return time.perf_counter() - started
 
 
+def report(out: Path, seeds, *, resamples: int = RESAMPLES, **extra) -> tuple[dict, str, list[Path]]:
+    """Reads both algorithms' runs of `seeds` under `out`, draws their curves, and writes `out/summary.json` (the
+    summary with `extra`'s keys added) and `out/summary.md`; returns (summary, its markdown table, the plots)."""
+    runs = {a: {s: read_metrics(run_dir(out, a, s) / "metrics.jsonl") for s in seeds} for a in ALGOS}
+    plots = plot_curves(runs, out, resamples=min(resamples, 2_000))
+    summary = {**summarize(runs, resamples=resamples), **extra}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    table = render_markdown(summary)
+    (out / "summary.md").write_text(table + "\n")
+    return summary, table, plots
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -109,7 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--workers", type=int, default=None, help="parallel runs (default: one per core)")
     p.add_argument("--algos", nargs="+", choices=ALGOS, default=list(ALGOS))
-    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples of the 95%% intervals (0: none)")
+    p.add_argument("--resamples", type=int, default=RESAMPLES,
+                   help="bootstrap resamples of the 95%% intervals (0: none)")
     p.add_argument("overrides", nargs="*", help="section.field=value applied to every run")
     args = p.parse_args(argv)
     try:
@@ -122,17 +135,13 @@ def main(argv=None) -> int:
             for s in args.seeds for a in args.algos}
     elapsed = run_all(jobs, cfg, config=args.config, out=out, workers=args.workers)
 
-    runs = {a: {s: read_metrics(run_dir(out, a, s) / "metrics.jsonl") for s in args.seeds} for a in args.algos}
-    plots = plot_curves(runs, out, resamples=min(args.resamples, 2_000))
     if set(args.algos) != set(ALGOS):  # the summary compares the two; one algorithm alone gets its curves
+        runs = {a: {s: read_metrics(run_dir(out, a, s) / "metrics.jsonl") for s in args.seeds} for a in args.algos}
+        plots = plot_curves(runs, out, resamples=min(args.resamples, 2_000))
         print(f"plots: {', '.join(str(p) for p in plots)}  (no summary: it needs both --algos)")
         return 0
-    summary = summarize(runs, resamples=args.resamples)
-    summary["command"] = command_line(argv)
-    summary["elapsed_seconds"] = elapsed
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    table = render_markdown(summary)
-    (out / "summary.md").write_text(table + "\n")
+    _, table, plots = report(out, args.seeds, resamples=args.resamples, command=command_line(argv),
+                             elapsed_seconds=elapsed)
     print(table)
     print(f"plots: {', '.join(str(p) for p in plots)}\nsummary: {out / 'summary.md'}, {out / 'summary.json'}  "
           f"({elapsed / 60:.1f} min)")

@@ -35,11 +35,9 @@ import numpy as np
 from compare import command_line, run_all, run_dir
 
 from sfpo_jax.analysis.summary import (
-    plot_curves,
     plot_lr_sweep,
     render_lr_sweep,
     render_markdown,
-    summarize,
     sweep_stats,
 )
 from sfpo_jax.train.config import ConfigError, load_config
@@ -117,13 +115,7 @@ def tuned(args, cfg, out: Path, best: dict, protocol_rate: float) -> dict:
                                            f"optim.learning_rate={best[a]}"]
             for s in args.seeds for a in ALGOS}
     run_all(jobs, cfg, config=args.config, out=out / "tuned", workers=args.workers, desc="tuned runs")
-    runs = {a: {s: read_metrics(run_dir(out / "tuned", a, s) / "metrics.jsonl") for s in args.seeds} for a in ALGOS}
-    plot_curves(runs, out / "tuned")
-    summary = summarize(runs)
-    summary["rates"] = best
-    (out / "tuned" / "summary.json").write_text(json.dumps(summary, indent=2))
-    table = render_markdown(summary)
-    (out / "tuned" / "summary.md").write_text(table + "\n")
+    summary, table, _ = compare.report(out / "tuned", args.seeds, rates=best)
     return {"rates": best, "summary": summary, "table": table}
 
 
