@@ -399,7 +399,8 @@ def test_einsum_f32_gradients_are_products_in_the_compute_dtype():
 def test_fused_attention_matches_attend():
     """`attend_fused` (the `attention="cudnn"` path) takes `attend`'s mask and GQA layout: with JAX's unfused reference
     in place of the cuDNN kernel (this machine has no GPU) it gives `attend`'s output on every real query, exactly in
-    float32 (measured: 0.0) and within bf16 rounding (measured: 8.7e-3 on unit-variance inputs)."""
+    float32 (measured: 0.0) and within bf16 rounding (measured: 8.7e-3 on unit-variance inputs); the kernel gets
+    the mask with every query's own slot added, so no row is fully masked."""
     from sfpo_jax.models.transformer import attend, attend_fused
 
     rng = np.random.default_rng(0)
@@ -412,6 +413,15 @@ def test_fused_attention_matches_attend():
     assert np.abs(np.asarray(attend_fused(q, k, v, mask, F32, implementation="xla"))[real] - ref).max() < 1e-6
     out = attend_fused(q, k, v, mask, BF16, implementation="xla")
     assert out.dtype == F32 and 1e-4 < np.abs(np.asarray(out)[real] - ref).max() < 3e-2
+    # The kernel sees no fully masked row (a left-padding query's; cuDNN's flash backward can turn one into NaN),
+    # and the same mask as `attend` wherever the query is real.
+    seen = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(jax.nn, "dot_product_attention", lambda q, k, v, mask, implementation: seen.append(mask) or q)
+        attend_fused(q, k, v, mask, BF16)
+    (kernel_mask,) = seen
+    assert np.asarray(kernel_mask).any(-1).all() and not np.asarray(mask).any(-1).all()
+    np.testing.assert_array_equal(np.asarray(kernel_mask)[:, 0][real], np.asarray(mask)[real])
 
 
 def test_cudnn_attention_runs_the_learner_forward_and_backward(batch, monkeypatch):

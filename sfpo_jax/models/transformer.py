@@ -211,17 +211,27 @@ def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtyp
     float32 accumulation and a float32 softmax, as `attend`; the output is rounded to `dtype` once, then widened.
     The mask enters as an additive bias (`jax.nn.dot_product_attention` turns a boolean mask into one).
 
+    Every query may also attend to its own slot (T = S here). That changes no real token's output: a real query's own
+    slot is already visible, and no real query sees a padding key. What it removes is the fully masked row: the
+    padding query of a left-padded prompt. Such a row's log-sum-exp is the mask's huge negative bias. For the same
+    cuDNN kernel under PyTorch's SDPA, pytorch/pytorch#196678 reports a NaN in dQ on H100/H200 whenever a row's
+    log-sum-exp is below ~-88.7 and T % 128 == 64: the padded half of the last key tile is scored 0 rather than
+    masked, so exp(0 - lse) overflows.
+
     Experimental. Measured on one H200 (`experiments/attention_check.py`, BENCHMARKS.md "GPU"): forward+backward
-    1.94x `attend`'s at 4 x 2048 tokens and 1.32x at 8 x 512, gradient cosine 0.9998 to it; but at 16 x 192 with
-    48-token left padding one of the two paths' gradients held a NaN, and that run could not tell which. Until a GPU
-    run settles it, the trainer does not offer this path; only `CausalLM(attention="cudnn")` does.
+    1.94x `attend`'s at 4 x 2048 tokens and 1.32x at 8 x 512, gradient cosine 0.9998 to it. At 16 x 192
+    (192 % 128 == 64) with 48-token left padding a gradient held a NaN. That run predates the self-slot rule above,
+    and the rule is not yet measured on a GPU. Until a GPU run confirms it, the trainer does not offer this path;
+    only `CausalLM(attention="cudnn")` does.
 
     Args:
-      q: `[B, T, H, D]`; k, v: `[B, S, KVH, D]`, H a multiple of KVH.
-      mask: `[B, T, S] bool`, whether query t may attend to key s.
+      q: `[B, T, H, D]`; k, v: `[B, T, KVH, D]`, H a multiple of KVH.
+      mask: `[B, T, T] bool`, whether query t may attend to key s.
     Returns:
       `[B, T, H, D] float32`.
     """
+    t = q.shape[1]
+    mask = mask | jnp.eye(t, dtype=jnp.bool_)[None]  # no fully masked row (see above)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
     return out.astype(jnp.float32)
