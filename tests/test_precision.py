@@ -168,15 +168,24 @@ def test_float32_masters_are_cast_once_per_generate_call(monkeypatch):
         other = Sampler(tiny_model(param_dtype, compute_dtype))
         state = nnx.state(other.model)
         assert original(other, state) is state
-    # Whether to cast is decided once per tree structure and dtypes: later calls trace nothing on the host.
+    # Whether to cast is decided from the paths and dtypes (`needs_product_cast`, the cast's own rule): once the
+    # cast is compiled, calls trace nothing on the host, for params that need the cast and params that do not.
+    from sfpo_jax.models import needs_product_cast
     from sfpo_jax.sampling import sampler as sampler_module
+
+    assert needs_product_cast(nnx.state(model), BF16) and not needs_product_cast(cast, BF16)
+    for param_dtype, compute_dtype in ((F32, F32), (F32, BF16), (BF16, BF16)):
+        state = nnx.state(tiny_model(param_dtype, compute_dtype))
+        dtypes = lambda tree: [x.dtype for x in jax.tree.leaves(tree)]
+        changed = dtypes(cast_product_operands(state, compute_dtype)) != dtypes(state)
+        assert needs_product_cast(state, compute_dtype) == changed == (param_dtype != compute_dtype)
 
     traced = []
     counted = lambda *a: traced.append(1) or cast_product_operands(*a)
     monkeypatch.setattr(sampler_module, "cast_product_operands", counted)
     sampler.generate(PROMPTS, config, jax.random.key(1))
     sampler.generate(PROMPTS, config, jax.random.key(1), params=cast)
-    assert traced == [] and sorted(sampler._needs_cast.values()) == [False, True]
+    assert traced == []
 
 
 def test_sharded_bf16_sampling():

@@ -4,7 +4,7 @@ from sfpo_jax.models.cache import KVCache
 from sfpo_jax.models.checkpoint import from_pretrained, load_tokenizer, read_config, save_pretrained
 from sfpo_jax.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from sfpo_jax.models.gguf import SUPPORTED_GGUF_ARCHITECTURES, load_gguf, read_gguf_config, smollm2_path
-from sfpo_jax.models.transformer import CausalLM, cast_product_operands, rope_inv_freq
+from sfpo_jax.models.transformer import CausalLM, cast_product_operands, needs_product_cast, rope_inv_freq
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -16,6 +16,7 @@ __all__ = [
     "from_pretrained",
     "load_gguf",
     "load_tokenizer",
+    "needs_product_cast",
     "read_config",
     "read_gguf_config",
     "rope_inv_freq",

@@ -422,13 +422,21 @@ def cast_product_operands(state: nnx.State, dtype) -> nnx.State:
     cast one reads half the weight bytes per forward in bfloat16 (what the sampler passes its programs).
     """
     dtype = jnp.dtype(dtype)
+    return jax.tree_util.tree_map_with_path(lambda p, x: x.astype(dtype) if _to_cast(p, x, dtype) else x, state)
 
-    def cast(path, x):
-        names = [getattr(k, "key", None) for k in path]
-        operand = any(n in _PRODUCT_OPERANDS for n in names[-2:]) and jnp.issubdtype(x.dtype, jnp.floating)
-        return x.astype(dtype) if operand and x.dtype != dtype else x
 
-    return jax.tree_util.tree_map_with_path(cast, state)
+def needs_product_cast(state: nnx.State, dtype) -> bool:
+    """Whether `cast_product_operands(state, dtype)` would change any leaf: from the paths and dtypes alone, nothing
+    traced or computed (~0.1 ms on the bench model)."""
+    dtype = jnp.dtype(dtype)
+    return any(_to_cast(p, x, dtype) for p, x in jax.tree_util.tree_flatten_with_path(state)[0])
+
+
+def _to_cast(path, x, dtype: jnp.dtype) -> bool:
+    """Whether the leaf `x` at `path` is a float product operand not yet in `dtype`."""
+    names = [getattr(k, "key", None) for k in path]
+    operand = any(n in _PRODUCT_OPERANDS for n in names[-2:]) and jnp.issubdtype(x.dtype, jnp.floating)
+    return operand and x.dtype != dtype
 
 
 def _call_layer(layer, x, rope, mask, kv, i, index, attention):

@@ -37,7 +37,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sfpo_jax.models import KVCache, cast_product_operands
+from sfpo_jax.models import KVCache, cast_product_operands, needs_product_cast
 from sfpo_jax.parallel import logical_sharding, param_shardings, to_global
 from sfpo_jax.sampling.config import SamplingConfig
 from sfpo_jax.sampling.ops import sample_with_logprobs
@@ -173,7 +173,6 @@ class Sampler:
         self._param_shardings = None if mesh is None else param_shardings(state, mesh, rules)
         self.compute_dtype = getattr(model, "dtype", None)
         self._cast = None  # the jitted `cast_product_operands`, built on first use
-        self._needs_cast: dict[tuple, bool] = {}  # (tree structure, leaf dtypes) → whether `_cast` changes anything
         batch_shards = 1
         if mesh is not None:
             spec = logical_sharding(mesh, ("batch",), rules).spec[0]
@@ -283,21 +282,12 @@ class Sampler:
         `generate` call, so that neither program casts a weight per decode step); `state` itself when nothing
         needs a cast (params already in it)."""
         dtype = self.compute_dtype
-        if dtype is None:
-            return state
-        cast = lambda tree: cast_product_operands(tree, dtype)
-        # Whether anything needs a cast, from the dtypes alone (abstractly: no cast computed just to check), once per
-        # tree structure and dtypes: tracing the cast costs ~2-4 ms of host time per call at the bench model's size.
-        leaves, treedef = jax.tree.flatten(state)
-        key = (treedef, tuple(x.dtype for x in leaves))
-        if key not in self._needs_cast:
-            cast_dtypes = tuple(x.dtype for x in jax.tree.leaves(jax.eval_shape(cast, state)))
-            self._needs_cast[key] = cast_dtypes != key[1]
-        if not self._needs_cast[key]:
+        # Decided from the paths and dtypes: tracing the cast just to check cost ~2-4 ms of host time per call.
+        if dtype is None or not needs_product_cast(state, dtype):
             return state
         if self._cast is None:
             placed = {} if self._param_shardings is None else {"out_shardings": self._param_shardings}
-            self._cast = jax.jit(cast, **placed)
+            self._cast = jax.jit(lambda tree: cast_product_operands(tree, dtype), **placed)
         return self._cast(state)
 
     # ------------------------------------------------------------------------------------------------ generate
