@@ -13,6 +13,7 @@ from sfpo_jax.parallel import (
     initialize_distributed,
     logical_sharding,
     make_mesh,
+    num_shards,
     param_shardings,
     shard_model,
 )
@@ -46,6 +47,8 @@ def test_logical_sharding_drops_unusable_mesh_axes():
     mesh = make_mesh(data=2, fsdp=4, tensor=1)
     assert logical_sharding(mesh, ("batch", "cache_seq")).spec == P(("data", "fsdp"), None)
     assert logical_sharding(mesh, ("batch",), shape=(6,)).spec == P("data")  # 6 % 8 != 0, 6 % 2 == 0
+    assert [num_shards(logical_sharding(mesh, ("batch", "cache_seq")), d) for d in (0, 1)] == [8, 1]
+    assert num_shards(logical_sharding(mesh, ("batch",), shape=(6,))) == 2
     assert logical_sharding(mesh, ("embed", None), rules={**DEFAULT_RULES, "embed": None}).spec == P(None, None)
     with pytest.raises(ValueError, match="'embedding'"):
         logical_sharding(mesh, ("embedding",))

@@ -82,6 +82,13 @@ def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules: Mapp
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def num_shards(sharding: NamedSharding, dim: int = 0) -> int:
+    """How many ways `sharding` splits dimension `dim` (the product of the mesh axes its spec names there)."""
+    axes = sharding.spec[dim] if dim < len(sharding.spec) else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
 def to_global(local: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from every process's local rows (in process order), placed with `sharding`; on one process
     simply `device_put`. Multi-host data feeding (the sampler's prompts, the learner's batch) goes through here."""

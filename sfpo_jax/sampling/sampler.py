@@ -38,7 +38,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sfpo_jax.models import KVCache, cast_product_operands, needs_product_cast
-from sfpo_jax.parallel import logical_sharding, param_shardings, to_global
+from sfpo_jax.parallel import logical_sharding, num_shards, param_shardings, to_global
 from sfpo_jax.sampling.config import SamplingConfig
 from sfpo_jax.sampling.ops import sample_with_logprobs
 
@@ -173,11 +173,7 @@ class Sampler:
         self._param_shardings = None if mesh is None else param_shardings(state, mesh, rules)
         self.compute_dtype = getattr(model, "dtype", None)
         self._cast = None  # the jitted `cast_product_operands`, built on first use
-        batch_shards = 1
-        if mesh is not None:
-            spec = logical_sharding(mesh, ("batch",), rules).spec[0]
-            axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-            batch_shards = math.prod(mesh.shape[a] for a in axes)
+        batch_shards = 1 if mesh is None else num_shards(logical_sharding(mesh, ("batch",), rules))
         self.batch_multiple = math.lcm(batch_multiple, batch_shards)
         self._programs: dict[tuple, _Program] = {}
         self.num_traces = 0  # how many times a prefill / decode program was traced (= compiled): tests, logs

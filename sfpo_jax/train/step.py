@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from sfpo_jax.optim import calls_per_batch, sfpo_active
-from sfpo_jax.parallel import all_hosts, logical_sharding, replicate_unplaced, to_global
+from sfpo_jax.parallel import all_hosts, logical_sharding, num_shards, replicate_unplaced, to_global
 from sfpo_jax.rl import LossConfig, group_advantages
 from sfpo_jax.sampling import Sampler, SamplingConfig
 from sfpo_jax.train import learner
@@ -163,7 +163,7 @@ def make_rl_step(model: nnx.Module, tokenizer, reward_fn: RewardFn, tx: optax.Gr
     """
     rows = rollout.prompts_per_step * rollout.group_size
     batch_sharding = None if mesh is None else logical_sharding(mesh, ("batch",))
-    if batch_sharding is not None and rows % (shards := _row_shards(batch_sharding)):
+    if batch_sharding is not None and rows % (shards := num_shards(batch_sharding)):
         raise ValueError(
             f"the learner batch of {rows} rows (rollout.prompts_per_step={rollout.prompts_per_step} x group_size="
             f"{rollout.group_size}) does not split over the mesh's {shards} batch shards "
@@ -192,13 +192,6 @@ def make_rl_step(model: nnx.Module, tokenizer, reward_fn: RewardFn, tx: optax.Gr
     )
     opt_state = tx.init(params)
     return step, TrainState(params, opt_state if mesh is None else replicate_unplaced(opt_state, mesh))
-
-
-def _row_shards(sharding) -> int:
-    """How many ways `sharding` (a `NamedSharding` of rows) splits its first axis."""
-    axes = sharding.spec[0] if len(sharding.spec) else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-    return int(np.prod([sharding.mesh.shape[a] for a in axes], dtype=int))
 
 
 def nonfinite_counts(opt_state: optax.OptState) -> tuple[int, int]:
