@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_gpu import STANDARD, build_model
+from bench_gpu import STANDARD, build_model, timed_calls
 from flax import nnx
 
 
@@ -39,15 +38,9 @@ def batch(rows: int, length: int, seed: int = 0):
     return jnp.asarray(ids, jnp.int32), jnp.asarray(mask)
 
 
-def median_seconds(fn, args: tuple, repeats: int) -> float:
-    """Median seconds of `fn(*args)` to a ready result, after one untimed call (compilation)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def median_ms(fn, args: tuple, repeats: int) -> float:
+    """Median milliseconds of `fn(*args)` to a ready result (`bench_gpu.timed_calls`, one untimed call first)."""
+    return 1e3 * statistics.median(timed_calls(lambda: jax.block_until_ready(fn(*args)), repeats, warmup=1))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,8 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
                    grad_rel_l2_diff=float(jnp.linalg.norm(b - a) / jnp.linalg.norm(a)),
                    grad_cosine=float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b))))
         for name, (graphdef, state) in paths.items():
-            row[f"{name}_forward_ms"] = 1e3 * median_seconds(forward, (state, graphdef, ids, mask), args.repeats)
-            row[f"{name}_forward_backward_ms"] = 1e3 * median_seconds(grad, (state, graphdef, ids, mask), args.repeats)
+            row[f"{name}_forward_ms"] = median_ms(forward, (state, graphdef, ids, mask), args.repeats)
+            row[f"{name}_forward_backward_ms"] = median_ms(grad, (state, graphdef, ids, mask), args.repeats)
         result["shapes"][shape] = row
         print(shape, " ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
     if args.out:
