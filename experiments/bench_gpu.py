@@ -48,10 +48,11 @@ rather than absolute times, and rerun a baseline in the same session when compar
 
 JSON (`--out`, default bench_gpu.json), rewritten as each workload finishes (`"complete": false` until the last), so a
 run cut short keeps what it measured: {"machine": {device_kind, platform, device_count, jax, jaxlib, flax, optax,
-python, hostname, cpu_count, date}, "command", "complete", "settings": {dtype, param_dtype, compute_dtype, tiny,
-repeats, warmup, model: {...architecture, num_params, matmul_params}, workloads: {...sizes}}, "peaks": {hbm_gbps,
-peak_tflops, source}, "figures": {name: {value, unit, better, floor, fraction_of_floor, floor_basis, samples}},
-"elapsed_s": {...}, "notes": [...]}; `floor` and `fraction_of_floor` are numbers or "unknown".
+python, hostname, cpu_count, load_average (1-minute, at the start), date, load_average_after (once complete)},
+"command", "complete", "settings": {dtype, param_dtype, compute_dtype, attention, tiny, repeats, warmup, model:
+{...architecture, num_params, matmul_params}, workloads: {...sizes}}, "peaks": {hbm_gbps, peak_tflops, source},
+"figures": {name: {value, unit, better, floor, fraction_of_floor, floor_basis, samples}}, "elapsed_s": {...},
+"notes": [...]}; `floor` and `fraction_of_floor` are numbers or "unknown".
 """
 
 from __future__ import annotations
@@ -519,7 +520,7 @@ def machine_info() -> dict:
     return dict(device_kind=dev.device_kind, platform=dev.platform, device_count=jax.device_count(),
                 jax=jax.__version__, jaxlib=jaxlib.__version__, flax=flax.__version__, optax=optax.__version__,
                 python=platform.python_version(), hostname=platform.node(), cpu_count=os.cpu_count(),
-                date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+                load_average=os.getloadavg()[0], date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -560,7 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"bench_gpu: {machine['device_kind']} ({machine['platform']}), jax {machine['jax']}, {machine['date']}; "
           f"compute {args.dtype}, float32 params; limits: {peaks.hbm_gbps or UNKNOWN} GB/s, "
           f"{peaks.peak_tflops or UNKNOWN} TFLOP/s ({peaks.source}); median of {args.repeats} after {args.warmup} "
-          f"warm-up; {command}", flush=True)
+          f"warm-up; load average {machine['load_average']:.1f}; {command}", flush=True)
 
     model = build_model(sizes, args.dtype, attention=args.attention)
     cost = Cost(model, args.dtype)
@@ -605,11 +606,13 @@ def main(argv: list[str] | None = None) -> dict:
         write(complete=False)
         print(f"  {name} done in {elapsed[name]:.1f} s", flush=True)
     elapsed["total"] = time.perf_counter() - start
+    machine["load_average_after"] = os.getloadavg()[0]
     if elapsed["total"] > 600:
         print(f"WARNING: {elapsed['total']:.0f} s in all, over the 10 minutes this benchmark must keep to")
     result = write(complete=True)
     print(table(result["figures"]))
-    print(f"wrote {args.out} ({elapsed['total']:.0f} s in all)")
+    print(f"wrote {args.out} ({elapsed['total']:.0f} s in all; load average {machine['load_average']:.1f} before, "
+          f"{machine['load_average_after']:.1f} after)")
     return result
 
 

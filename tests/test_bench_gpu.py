@@ -37,6 +37,7 @@ def test_tiny_run_on_cpu_writes_every_figure(tmp_path):
 
     assert result["machine"]["platform"] == "cpu" and result["machine"]["jax"] and result["machine"]["date"]
     assert result["complete"] is True
+    assert result["machine"]["load_average"] >= 0 and result["machine"]["load_average_after"] >= 0
     assert "--tiny" in result["command"] and result["settings"]["compute_dtype"] == "bfloat16"
     assert result["peaks"] == {"hbm_gbps": "unknown", "peak_tflops": "unknown",
                                "source": f"{result['machine']['device_kind']!r} not in the table"}
