@@ -44,8 +44,8 @@ _LOSS = grpo.LossConfig(entropy_coef=0.0)
 @jax.jit
 def _forward(graphdef, state, batch: learner.Batch):
     """`[N, T, V]` float32 logits at the positions that predict the completion's T tokens."""
-    logits = nnx.merge(graphdef, state)(batch.tokens, attention_mask=batch.attention_mask)
-    return logits[:, -batch.completion_mask.shape[1] - 1:-1]
+    t = batch.completion_mask.shape[1]
+    return nnx.merge(graphdef, state)(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=t + 1)[:, :-1]
 
 
 @jax.jit

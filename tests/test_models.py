@@ -85,6 +85,26 @@ def test_logits_match_transformers_on_left_padded_batch(checkpoints, arch):
     assert np.abs(ours - ref)[real].max() <= max(1.5 * torch_err, 1e-3) <= 0.02
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])  # an untied LM head, and the tied one
+def test_logits_to_keep_gives_the_last_positions_of_the_full_forward(checkpoints, arch):
+    ids, mask = ragged_batch(seed=3, lengths=(7, 5, 6))
+    model = from_pretrained(checkpoints[arch], dtype=jnp.float32)
+    graphdef, state = nnx.split(model)
+    full = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(mask)))
+
+    @functools.partial(jax.jit, static_argnums=(3,))
+    def kept(state, ids, mask, n):
+        return nnx.merge(graphdef, state)(ids, attention_mask=mask, logits_to_keep=n)
+
+    for n in (1, 3, ids.shape[1], ids.shape[1] + 2):  # 1: the tied head's one-position (decode) product
+        ours = np.asarray(kept(state, jnp.asarray(ids), jnp.asarray(mask), n))
+        assert ours.shape == (3, min(n, ids.shape[1]), VOCAB)
+        np.testing.assert_allclose(ours, full[:, -n:], atol=2e-5, rtol=1e-5)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(jnp.asarray(ids), logits_to_keep=bad)
+
+
 def test_llama3_rope_frequencies_match_transformers():
     import transformers
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

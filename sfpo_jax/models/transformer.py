@@ -354,7 +354,7 @@ class CausalLM(nnx.Module):
         return KVCache.init(c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim, dtype or self.dtype)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, *, cache: KVCache | None = None):
+                 positions: jax.Array | None = None, *, cache: KVCache | None = None, logits_to_keep: int = 0):
         """Logits for `input_ids [B, T] int32`.
 
         Args:
@@ -364,10 +364,16 @@ class CausalLM(nnx.Module):
             from `cache.num_tokens` in cached mode.
           cache: when given, the T tokens are appended to it at slots `[cache.index, cache.index + T)` and attend
             to every earlier real slot; see `KVCache`.
+          logits_to_keep: as in transformers: N > 0 computes the logits of the last N positions only (the final
+            norm and the LM head skip the others); 0 keeps all T. A learner scoring a T'-token completion needs the
+            last T' + 1: the LM head is the largest product of the model, and a prompt's positions are wasted in it.
         Returns:
-          `logits [B, T, V] float32`, or `(logits, new_cache)` when `cache` is given.
+          `logits [B, T, V] float32` (`[B, min(N, T), V]` with `logits_to_keep=N`), or `(logits, new_cache)` when
+          `cache` is given.
         """
         b, t = input_ids.shape
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
         mask = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
         offset = 0 if cache is None else cache.num_tokens[:, None]
         max_position = None  # unknown for caller-given positions
@@ -395,8 +401,10 @@ class CausalLM(nnx.Module):
         x = self.embed_tokens[...][input_ids].astype(self.dtype).astype(jnp.float32)
         for i, layer in enumerate(self.layers):
             x, kv = call(layer, x, rope, attn_mask, kv, i, index, self.attention)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         x = self.norm(x)
-        if self.lm_head is None and t == 1:
+        if self.lm_head is None and x.shape[1] == 1:
             # Decode step: with the [V, E] table as the left operand XLA:CPU streams it about 1.7× faster than as a
             # transposed right operand; the [V, B] result is small to transpose.
             logits = einsum_f32("ve,bte->vbt", self.embed_tokens[...], x, self.dtype).transpose(1, 2, 0)

@@ -62,9 +62,10 @@ def completion_logprobs(model, batch_tokens, attention_mask, completion_mask):
       ``(logp, entropy)``, both ``[N, T] float32`` and zero where ``completion_mask`` is 0.
     """
     T = completion_mask.shape[1]
-    logits = model(batch_tokens, attention_mask=attention_mask)  # [N, P+T, V] float32
-    # The logit at position t predicts token t+1: the completion's T tokens are predicted by [P-1, P+T-1).
-    return grpo.token_logprobs_and_entropy(logits[:, -T - 1 : -1], batch_tokens[:, -T:], completion_mask)
+    # The logit at position t predicts token t+1: the completion's T tokens are predicted by [P-1, P+T-1), so only
+    # the last T + 1 positions need the LM head (as TRL's GRPOTrainer asks transformers for).
+    logits = model(batch_tokens, attention_mask=attention_mask, logits_to_keep=T + 1)  # [N, T+1, V] float32
+    return grpo.token_logprobs_and_entropy(logits[:, :-1], batch_tokens[:, -T:], completion_mask)
 
 
 def minibatch_loss(params, graphdef, batch: Batch, loss: grpo.LossConfig, num_tokens, num_seqs):
