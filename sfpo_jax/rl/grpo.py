@@ -24,6 +24,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, Literal
@@ -162,12 +163,18 @@ def token_logprobs_and_entropy(logits: Any, targets: Any, mask: Any, *, temperat
                                ) -> tuple[Array, Array]:
     """Per-token log-probabilities of `targets` and entropies of the predictive distributions.
 
-    With z = logits / temperature (in float32) and one log-softmax ℓ = z − logsumexp(z):
-      logp[b, t]    = ℓ[b, t, targets[b, t]]
-      entropy[b, t] = −Σ_v exp(ℓ_v) ℓ_v        (terms with ℓ_v = −inf, i.e. logits of −inf, count as 0)
+    With z = logits / temperature (in float32), p = softmax(z) and lse = logsumexp(z):
+      logp[b, t]    = z[b, t, targets[b, t]] − lse[b, t]
+      entropy[b, t] = lse[b, t] − Σ_v p_v z_v        (= −Σ_v p_v log p_v; terms with z_v = −inf count as 0)
     Masked positions give 0 for both, with exactly zero gradient to their logits whatever those hold
     (the logits are zeroed there before the softmax, and targets there may be any int, e.g. padding ids).
     `temperature` lets training log-probs match those of a sampler that divided its logits by it.
+
+    The gradient is written by hand (a custom VJP), d logp / dz = onehot(target) − p and d entropy / dz =
+    −p (z − Σ_v p_v z_v), so that the `[B, T, V]` work is three passes over the logits forward (max; the
+    exponentials' two sums; the target's gather) and one backward, with only the logits and two `[B, T]`
+    statistics kept in between. Autodiff of a log-softmax keeps and rereads several `[B, T, V]` temporaries: on the
+    CPU bench update (16 × 128 completion tokens, vocabulary 32000) those were ~15% of the step.
 
     Args:
       logits: `[B, T, V]` of any float dtype (cast to float32 once); `logits[b, t]` predicts `targets[b, t]`.
@@ -186,18 +193,47 @@ def token_logprobs_and_entropy(logits: Any, targets: Any, mask: Any, *, temperat
     _check_shape("mask", m, logits.shape[:2])
     targets = jnp.asarray(targets)
     _check_shape("targets", targets, logits.shape[:2])
+    return _logprobs_and_entropy(float(temperature), logits, jnp.where(m, targets, 0).astype(jnp.int32), m)
 
+
+def _tempered(temperature: float, logits: Array, m: Array) -> tuple[Array, Array]:
+    """`z`, the masked and tempered float32 logits of `token_logprobs_and_entropy`, and `z` with its −inf entries
+    (a masked vocabulary: p = 0 there) replaced by 0, so that `p · z` is 0 rather than `0 · −inf` = NaN."""
     z = jnp.where(m[..., None], _float(logits), 0.0)
     if temperature != 1.0:
         z = z / temperature
-    logp_all = jax.nn.log_softmax(z, axis=-1)
-    logp = jnp.take_along_axis(logp_all, jnp.where(m, targets, 0)[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    # p·log p at ℓ = −inf is 0·(−inf) = NaN in floats (and so is its cotangent), so select those terms away on a
-    # finite stand-in.
-    finite = jnp.isfinite(logp_all)
-    safe = jnp.where(finite, logp_all, 0.0)
-    entropy = -jnp.sum(jnp.where(finite, jnp.exp(safe) * safe, 0.0), axis=-1)
-    return jnp.where(m, logp, 0.0), jnp.where(m, entropy, 0.0)
+    return z, jnp.where(jnp.isfinite(z), z, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _logprobs_and_entropy(temperature, logits, targets, m):
+    return _logprobs_and_entropy_fwd(temperature, logits, targets, m)[0]
+
+
+def _logprobs_and_entropy_fwd(temperature, logits, targets, m):
+    z, z_fin = _tempered(temperature, logits, m)
+    top = jnp.max(z, axis=-1, keepdims=True)
+    e = jnp.exp(z - top)
+    total = jnp.sum(e, axis=-1)
+    lse = top[..., 0] + jnp.log(total)
+    mean_z = jnp.sum(e * z_fin, axis=-1) / total  # Σ_v p_v z_v
+    logp = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0] - lse
+    out = (jnp.where(m, logp, 0.0), jnp.where(m, lse - mean_z, 0.0))
+    return out, (logits, targets, m, lse, mean_z)
+
+
+def _logprobs_and_entropy_bwd(temperature, residuals, cotangents):
+    logits, targets, m, lse, mean_z = residuals
+    g_logp, g_entropy = (jnp.where(m, g, 0.0)[..., None] for g in cotangents)
+    z, z_fin = _tempered(temperature, logits, m)
+    p = jnp.exp(z - lse[..., None])
+    onehot = jnp.arange(z.shape[-1]) == targets[..., None]
+    dz = jnp.where(onehot, g_logp, 0.0) - p * (g_logp + g_entropy * (z_fin - mean_z[..., None]))
+    dlogits = jnp.where(m[..., None], dz / temperature, 0.0).astype(logits.dtype)
+    return dlogits, None, None
+
+
+_logprobs_and_entropy.defvjp(_logprobs_and_entropy_fwd, _logprobs_and_entropy_bwd)
 
 
 # ---------------------------------------------------------------------------------------- KL, aggregation
