@@ -4,11 +4,11 @@ The bench model of ../shared/bench/README.md (Qwen2 architecture: hidden 512, in
 2 key-value heads, vocab 32000, tied embeddings, rope θ 10000, RMSNorm ε 1e-6, every matrix ~ N(0, 0.05²),
 float32; ~39M parameters) is written once into `--model-dir` by `bench_sampler.make_checkpoint` (PyTorch
 `save_pretrained`; the same files as the other benchmarks) and loaded by both sides from there. For each
-batch × length shape, each repeat times, interleaved: our forward (logits), PyTorch's
-forward (`inference_mode`), our forward+backward (next-token cross entropy, gradients of every parameter) and
-PyTorch's (PyTorch in a worker process, see `torch_peer.py`). Inputs are random ids with no padding. Reported:
-median tokens/s per side in each of `--dtypes` (ours: float32 masters computing in it; PyTorch: the whole model in
-it, its fastest CPU mode in bfloat16) and the ratio of each side at its fastest.
+batch × length shape, each repeat times, interleaved: our forward (logits), PyTorch's forward (`inference_mode`), our
+forward+backward (next-token cross entropy from the library's `grpo.token_logprobs_and_entropy`, gradients of every
+parameter) and PyTorch's (PyTorch in a worker process, see `torch_peer.py`). Inputs are random ids with no padding.
+Reported: median tokens/s per side in each of `--dtypes` (ours: float32 masters computing in it; PyTorch: the whole
+model in it, its fastest CPU mode in bfloat16) and the ratio of each side at its fastest.
 
   python experiments/bench_model.py --shapes 4x128 8x256 4x512 --repeats 5 [--dtypes float32,bfloat16]
 """
@@ -30,11 +30,13 @@ from bench_sampler import ARCH, make_checkpoint  # the one bench model, shared b
 from flax import nnx
 
 from sfpo_jax.models import from_pretrained
+from sfpo_jax.rl import grpo
 
 
 def _cross_entropy(logits, ids):
-    logp = jax.nn.log_softmax(logits[:, :-1])
-    return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+    # The library's log-probs (what the learner differentiates), not a hand-rolled log-softmax.
+    logp, _ = grpo.token_logprobs_and_entropy(logits[:, :-1], ids[:, 1:], jnp.ones(ids[:, 1:].shape, bool))
+    return -logp.mean()
 
 
 @jax.jit

@@ -69,17 +69,13 @@ def make_ours(prompts: np.ndarray, grad_ids: np.ndarray, dtype: str = "float32")
     many = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=1.0, num_samples=SAMPLES)
     graphdef, state = nnx.split(model)
 
-    def loss(state, ids):
-        logits = nnx.merge(graphdef, state)(ids)
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+    from bench_model import _jax_grad  # the one forward+backward of the benchmarks (the library's log-probs)
 
-    grad = jax.jit(jax.value_and_grad(loss))
     ids = jnp.asarray(grad_ids)
     runs = {
         "sample_b1": lambda i: sampler.generate(prompts[:1].tolist(), one, jax.random.key(i)),
         "sample_b32": lambda i: sampler.generate(prompts.tolist(), many, jax.random.key(i)),
-        "fwd_bwd": lambda i: jax.block_until_ready(grad(state, ids)),
+        "fwd_bwd": lambda i: jax.block_until_ready(_jax_grad(graphdef, state, ids)),
     }
     return runs, model, sampler
 
