@@ -325,4 +325,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from sfpo_jax.host import use_huge_pages
+
+    use_huge_pages()  # re-runs this script with malloc on transparent huge pages, see sfpo_jax.host
     main()
