@@ -190,5 +190,5 @@ def main() -> None:
 if __name__ == "__main__":
     from sfpo_jax.host import use_huge_pages
 
-    use_huge_pages()  # re-runs this script with malloc on transparent huge pages, see sfpo_jax.host
+    use_huge_pages()  # with SFPO_HUGE_PAGES=1: re-runs this script with malloc on huge pages (sfpo_jax.host)
     main()

@@ -12,20 +12,22 @@ LINUX = dict(system="Linux", libc=("glibc", "2.36"), mode="madvise")
 
 
 def test_huge_pages_env_adds_the_tunable_only_where_it_changes_something():
-    env = host.huge_pages_env({"PATH": "/bin"}, **LINUX)
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": host.TUNABLE}
+    on = {host.ENABLE: "1"}
+    env = host.huge_pages_env({"PATH": "/bin", **on}, **LINUX)
+    assert env == {"PATH": "/bin", **on, "GLIBC_TUNABLES": host.TUNABLE}
     # Other tunables are kept, the new one appended.
-    env = host.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **LINUX)
+    env = host.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", **on}, **LINUX)
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{host.TUNABLE}"
     for environ, kw in [
-        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {}),  # the user decided
-        ({host.OPT_OUT: "0"}, {}),
-        ({}, dict(system="Darwin")),
-        ({}, dict(libc=("glibc", "2.34"))),  # no such tunable before 2.35
-        ({}, dict(libc=("", ""))),  # musl: platform.libc_ver() knows no version
-        ({}, dict(mode="always")),  # every process has huge pages already
-        ({}, dict(mode="never")),
-        ({}, dict(mode=None)),  # no THP in this kernel
+        ({}, {}),  # not asked for: off by default
+        ({host.ENABLE: "0"}, {}),
+        ({**on, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, {}),  # the user decided
+        (on, dict(system="Darwin")),
+        (on, dict(libc=("glibc", "2.34"))),  # no such tunable before 2.35
+        (on, dict(libc=("", ""))),  # musl: platform.libc_ver() knows no version
+        (on, dict(mode="always")),  # every process has huge pages already
+        (on, dict(mode="never")),
+        (on, dict(mode=None)),  # no THP in this kernel
     ]:
         assert host.huge_pages_env(environ, **{**LINUX, **kw}) is None, (environ, kw)
 
@@ -50,15 +52,16 @@ print(os.environ.get("GLIBC_TUNABLES", ""), huge)
 """
 
 
-@pytest.mark.skipif(host.huge_pages_env({}) is None, reason="this machine has nothing to gain (see huge_pages_env)")
-@pytest.mark.parametrize("opt_out", [False, True])
-def test_use_huge_pages_reruns_the_program_and_malloc_then_gets_huge_pages(opt_out):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.OPT_OUT)}
-    if opt_out:
-        env[host.OPT_OUT] = "0"
+@pytest.mark.skipif(host.huge_pages_env({host.ENABLE: "1"}) is None,
+                    reason="this machine has nothing to gain (see huge_pages_env)")
+@pytest.mark.parametrize("enable", [True, False])
+def test_use_huge_pages_reruns_the_program_and_malloc_then_gets_huge_pages(enable):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host.ENABLE)}
+    if enable:
+        env[host.ENABLE] = "1"
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True)
     *tunables, huge_kib = out.stdout.split()
-    if opt_out:
+    if not enable:
         assert tunables == [] and int(huge_kib) < 8 << 10
     else:
         assert tunables == [host.TUNABLE] and int(huge_kib) >= 32 << 10  # most of the 64 MiB in 2 MiB pages
