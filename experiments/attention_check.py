@@ -20,13 +20,15 @@ import numpy as np
 from bench_gpu import STANDARD, build_model, timed_calls
 from flax import nnx
 
+from sfpo_jax.rl import grpo
+
 
 def nll(state, graphdef, ids, mask):
     """Mean next-token negative log-likelihood over real tokens (float32)."""
     logits = nnx.merge(graphdef, state)(ids, attention_mask=mask)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1], -1), ids[:, 1:, None], -1)[..., 0]
     m = mask[:, 1:] & mask[:, :-1]
-    return -jnp.sum(jnp.where(m, logp, 0.0)) / jnp.sum(m)
+    logp, _ = grpo.token_logprobs_and_entropy(logits[:, :-1], ids[:, 1:], m)  # the library's log-probs, 0 off m
+    return -jnp.sum(logp) / jnp.sum(m)
 
 
 def batch(rows: int, length: int, seed: int = 0):
