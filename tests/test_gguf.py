@@ -354,3 +354,10 @@ def test_run_config_model_path_takes_a_gguf_file_and_the_smollm2_name(good_gguf,
     for bad in (not_gguf, tmp_path / "missing.gguf"):
         with pytest.raises(FileNotFoundError, match=r"is not a checkpoint folder, a \.gguf file, 'smollm2'"):
             policy_module.policy_path(load_config(None, [f"model.path={bad}"]), task=None)
+
+
+def test_gguf_loading_passes_the_attention_path(good_gguf):
+    model = from_pretrained(good_gguf, dtype=jnp.float32, compute_dtype=jnp.bfloat16, attention="cudnn")
+    assert model.attention == "cudnn"
+    with pytest.raises(ValueError, match="must be one of"):
+        from_pretrained(good_gguf, dtype=jnp.float32, attention="flash")

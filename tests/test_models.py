@@ -323,3 +323,15 @@ def test_remat_gives_identical_gradients(checkpoints):
     plain, remat = grads(False), grads(True)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), plain, remat)
     assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(plain))
+
+
+def test_from_pretrained_passes_the_attention_path(checkpoints):
+    """`from_pretrained(attention=...)` builds the model with that learner attention (the trainer's `model.attention`)
+    and keeps `CausalLM`'s checks: cuDNN's kernel has no float32 form."""
+    model = from_pretrained(checkpoints["qwen2"], dtype=jnp.float32, compute_dtype=jnp.bfloat16, attention="cudnn")
+    assert model.attention == "cudnn"
+    assert from_pretrained(checkpoints["qwen2"], dtype=jnp.float32).attention == "einsum"
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        from_pretrained(checkpoints["qwen2"], dtype=jnp.float32, attention="cudnn")
+    with pytest.raises(ValueError, match="must be one of"):
+        from_pretrained(checkpoints["qwen2"], dtype=jnp.float32, attention="flash")

@@ -125,7 +125,8 @@ def _weight_map(path: Path) -> dict[str, Path]:
 
 
 def from_pretrained(path: str | Path, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None,
-                    rules: Mapping | None = None, compute_dtype=None, remat: bool = False) -> CausalLM:
+                    rules: Mapping | None = None, compute_dtype=None, remat: bool = False,
+                    attention: str = "einsum") -> CausalLM:
     """Loads a local Hugging Face checkpoint folder, or a Llama / Qwen2 / Qwen3 `.gguf` file (dequantized to `dtype`,
     see `sfpo_jax.models.gguf.load_gguf`), into a `CausalLM`.
 
@@ -135,7 +136,7 @@ def from_pretrained(path: str | Path, *, dtype=jnp.bfloat16, mesh: jax.sharding.
 
     Args:
       path: folder with `config.json` and `model.safetensors` or `model-0000i-of-0000n.safetensors` + index.
-      dtype: parameter dtype. compute_dtype: defaults to `dtype`. remat: see `CausalLM`.
+      dtype: parameter dtype. compute_dtype: defaults to `dtype`. remat, attention: see `CausalLM`.
     Raises:
       FileNotFoundError: a missing config / weight file. ValueError: an unsupported architecture, an unreadable
       (e.g. truncated) safetensors file, and any missing, unexpected or wrongly shaped tensor (named).
@@ -148,10 +149,12 @@ def from_pretrained(path: str | Path, *, dtype=jnp.bfloat16, mesh: jax.sharding.
     if path.suffix.lower() == ".gguf":
         from sfpo_jax.models.gguf import load_gguf
 
-        return load_gguf(path, dtype=dtype, mesh=mesh, rules=rules, compute_dtype=compute_dtype, remat=remat)
+        return load_gguf(path, dtype=dtype, mesh=mesh, rules=rules, compute_dtype=compute_dtype, remat=remat,
+                         attention=attention)
     config = read_config(path)
     abstract = nnx.eval_shape(
-        lambda: CausalLM(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(0), remat=remat))
+        lambda: CausalLM(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(0), remat=remat,
+                         attention=attention))
     graphdef, state = nnx.split(abstract)
     shardings = None if mesh is None else nnx.to_flat_state(param_shardings(state, mesh, rules))
     specs = tensor_specs(state)

@@ -247,7 +247,8 @@ def _gguf_names(specs: list[TensorSpec], config: ModelConfig) -> dict[str, str]:
 
 
 def load_gguf(path: str | Path, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None,
-              rules: Mapping | None = None, compute_dtype=None, remat: bool = False) -> CausalLM:
+              rules: Mapping | None = None, compute_dtype=None, remat: bool = False,
+              attention: str = "einsum") -> CausalLM:
     """Loads a Llama / Qwen2 / Qwen3 GGUF file into a `CausalLM` (what `from_pretrained` does for a `.gguf` path;
     the arguments are the same).
 
@@ -263,7 +264,8 @@ def load_gguf(path: str | Path, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh |
     reader = _reader(path)
     config = _config(reader, path)
     abstract = nnx.eval_shape(
-        lambda: CausalLM(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(0), remat=remat))
+        lambda: CausalLM(config, param_dtype=dtype, dtype=compute_dtype, rngs=nnx.Rngs(0), remat=remat,
+                         attention=attention))
     graphdef, state = nnx.split(abstract)
     shardings = None if mesh is None else dict(nnx.to_flat_state(param_shardings(state, mesh, rules)))
     specs = tensor_specs(state)
