@@ -8,9 +8,12 @@ batch × length shape, each repeat times, interleaved: our forward (logits), PyT
 forward+backward (next-token cross entropy from the library's `grpo.token_logprobs_and_entropy`, gradients of every
 parameter) and PyTorch's (PyTorch in a worker process, see `torch_peer.py`). Inputs are random ids with no padding.
 Reported: median tokens/s per side in each of `--dtypes` (ours: float32 masters computing in it; PyTorch: the whole
-model in it, its fastest CPU mode in bfloat16) and the ratio of each side at its fastest.
+model in it, its fastest CPU mode in bfloat16) and the ratio of each side at its fastest. `--attention einsum,cudnn`
+also times ours with the learner's attention as one cuDNN flash-attention kernel (`CausalLM(attention="cudnn")`:
+NVIDIA GPUs, bfloat16 compute only) as a variant of our side.
 
   python experiments/bench_model.py --shapes 4x128 8x256 4x512 --repeats 5 [--dtypes float32,bfloat16]
+                                    [--attention einsum,cudnn]
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes, each side in each")
+    parser.add_argument("--attention", default="einsum",
+                        help="our learner attention paths (CausalLM's `attention`; cudnn: NVIDIA GPUs, bfloat16 only)")
     parser.add_argument("--model-dir", type=Path,
                         default=Path(os.environ.get("SFPO_BENCH_DIR", tempfile.gettempdir())) / "sfpo_bench_qwen2")
     args = parser.parse_args()
@@ -69,21 +74,26 @@ def main():
     import transformers
     from torch_peer import TorchPeer
 
+    dtypes, attentions = args.dtypes.split(","), args.attention.split(",")
+    if "cudnn" in attentions and "bfloat16" not in dtypes:
+        parser.error("--attention cudnn needs bfloat16 in --dtypes (cuDNN's flash attention has no float32 kernel)")
     path = make_checkpoint(args.model_dir)
-    dtypes = args.dtypes.split(",")
-    # Ours: float32 master weights computing in each dtype (what the trainer differentiates).
-    models = {dt: nnx.split(from_pretrained(path, dtype=jnp.float32, compute_dtype=jnp.dtype(dt))) for dt in dtypes}
+    # Ours: float32 master weights computing in each dtype (what the trainer differentiates), in each attention path
+    # that the dtype has; a variant is named by its dtype, and by its attention path too when that is not einsum.
+    models = {dt if a == "einsum" else f"{dt} {a}": nnx.split(from_pretrained(
+        path, dtype=jnp.float32, compute_dtype=jnp.dtype(dt), attention=a))
+        for dt in dtypes for a in attentions if a == "einsum" or dt == "bfloat16"}
     # PyTorch runs in a worker process per dtype: beside an initialised JAX backend it slows down severalfold.
     peers = {dt: TorchPeer(path, dt) for dt in dtypes}
 
-    n_params = sum(x.size for x in jax.tree.leaves(models[dtypes[0]][1]))
+    n_params = sum(x.size for x in jax.tree.leaves(next(iter(models.values()))[1]))
     peer = peers[dtypes[0]]
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus; jax {jax.__version__} ({jax.devices()[0].platform}),"
           f" torch {torch.__version__} ({peer.device}, {peer.threads} threads, own process), transformers "
           f"{transformers.__version__}; {n_params / 1e6:.1f}M params; dtypes {dtypes} (ours: float32 masters "
           f"computing in it; PyTorch: the model in it); load average {os.getloadavg()[0]:.1f}")
 
-    sides = [(side, dt) for side in ("ours", "torch") for dt in dtypes]
+    sides = [("ours", variant) for variant in models] + [("torch", dt) for dt in dtypes]
     print("| batch × length | pass | " + " | ".join(f"{side} {dt}" for side, dt in sides)
           + " | ours best / PyTorch best |")
     print("| --- | --- | " + " | ".join("---" for _ in sides) + " | --- |")
@@ -93,13 +103,13 @@ def main():
         ids_np = rng.integers(0, ARCH["vocab_size"], (batch, length)).astype(np.int32)
         ids = jnp.asarray(ids_np)
         runs = {}
-        for dt in dtypes:
-            graphdef, state = models[dt]
-            runs["forward", "ours", dt] = lambda g=graphdef, s=state, ids=ids: _timed(
+        for variant, (graphdef, state) in models.items():
+            runs["forward", "ours", variant] = lambda g=graphdef, s=state, ids=ids: _timed(
                 lambda: _jax_forward(g, s, ids).block_until_ready())
-            runs["forward", "torch", dt] = lambda p=peers[dt], ids=ids_np: p.time("forward", ids)
-            runs["forward+backward", "ours", dt] = lambda g=graphdef, s=state, ids=ids: _timed(
+            runs["forward+backward", "ours", variant] = lambda g=graphdef, s=state, ids=ids: _timed(
                 lambda: jax.block_until_ready(_jax_grad(g, s, ids)))
+        for dt in dtypes:
+            runs["forward", "torch", dt] = lambda p=peers[dt], ids=ids_np: p.time("forward", ids)
             runs["forward+backward", "torch", dt] = lambda p=peers[dt], ids=ids_np: p.time("grad", ids)
         times = {key: [] for key in runs}
         for i in range(args.warmup + args.repeats):

@@ -9,7 +9,7 @@ warm-up call each, the sides interleaved repeat by repeat (so that load from oth
 plus our prefill / per-decode-step split.
 
     python experiments/bench_sampler.py [--repeats 5] [--peers transformers,tunix] [--dtypes float32,bfloat16]
-                                        [--profile /tmp/trace] [--breakdown]
+                                        [--profile /tmp/trace] [--breakdown] [--host-profile]
 
 Every side runs in every one of `--dtypes` (ours: float32 master weights computing in that dtype, as the trainer
 samples; the peers: the whole model in it), and the headline ratio is each side at its fastest precision.
@@ -17,6 +17,10 @@ samples; the peers: the whole model in it), and the headline ratio is each side 
 `--prefill-memory` prints, instead of W1, the compiled prefill's temporary memory for a long generation (8 prompts
 of 1024 tokens, 8192 new tokens, a small model): the sampler's prefill into a prompt-length cache, extended
 afterwards, against prefilling straight into the full-length cache.
+
+`--host-profile` runs our `generate` (in the last of `--dtypes`) `--repeats` more times under `cProfile` and prints
+the Python functions with the most cumulative time: where a call's time goes outside the compiled programs (the
+host-side fixed cost of a call, and the waits on the device, which show as the functions that block).
 
 `--breakdown` profiles one decode call and prints where the step goes: the time of every executed XLA op, summed by
 the source operation it came from (the HLO `op_name`) and output shape. The profiler adds a fixed cost per op, so
@@ -142,6 +146,21 @@ def decode_breakdown(sampler, prompts: np.ndarray, trace_dir: str, new_tokens: i
     return [(ms, count[row] / new_tokens, row) for row, ms in total.most_common(top)]
 
 
+def host_profile(run, calls: int, top: int = 25) -> str:
+    """The `top` functions by cumulative time over `calls` calls of `run(seed)` under `cProfile`, as pstats prints
+    them (cProfile's own overhead inflates Python-heavy functions: read the shares, not the absolute times)."""
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    for i in range(calls):
+        profile.runcall(run, 1000 + i)
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).strip_dirs().sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
 def prefill_memory(batch: int = 8, prompt_len: int = 1024, new_tokens: int = 8192) -> dict[str, float]:
     """GB of temporaries (`compiled.memory_analysis()`) of the sampler's prefill program against a prefill straight
     into a cache of all `prompt_len + new_tokens` slots, on a small random model (2 layers, hidden 256, 8 heads)."""
@@ -258,6 +277,8 @@ def main():
                         default=Path(os.environ.get("SFPO_BENCH_DIR", tempfile.gettempdir())) / "sfpo_bench_qwen2")
     parser.add_argument("--profile", default=None, help="write a jax.profiler trace of one of our calls here")
     parser.add_argument("--breakdown", action="store_true", help="print where our decode step goes (profiled)")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="print where our generate call's host time goes (cProfile)")
     parser.add_argument("--prefill-memory", action="store_true",
                         help="instead of W1, the prefill's temporary memory for a long generation")
     args = parser.parse_args()
@@ -321,6 +342,9 @@ def main():
               f"{profiled:.2f} ms/step in these:")
         for ms, n, row in rows:
             print(f"    {ms:6.3f} ms/step {100 * ms / profiled:5.1f}%  {n:4.1f} ops/step  {row}")
+    if args.host_profile:
+        print(f"  ours {dtypes[-1]}: {args.repeats} generate calls under cProfile, by cumulative time:")
+        print(host_profile(runs[f"ours {dtypes[-1]}"], args.repeats))
     print(json.dumps(dict(times=times, tokens_per_s=rate, best=best, split=splits, skipped=skipped)))
 
 
