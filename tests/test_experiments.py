@@ -1,5 +1,5 @@
 """The experiment scripts: compare.py end to end on a tiny random policy, ablate.py's variants and summary,
-bench_sampler.py's profile breakdown, precision_check.py and attention_check.py."""
+bench_sampler.py's profile breakdown and host profile, precision_check.py and attention_check.py."""
 
 from __future__ import annotations
 
@@ -159,6 +159,28 @@ def test_bench_sampler_breakdown_attributes_decode_time_to_source_ops(tmp_path):
     assert "f32[8,48]{1,0} abc,cd->abd" in labels  # gate and up, 2 per layer
     assert dict((label, n) for _, n, label in rows)["f32[8,48]{1,0} abc,cd->abd"] == 4
     assert any(label.startswith(f"f32[{vocab},8]") for label in labels)
+
+
+def test_bench_sampler_host_profile_shows_where_generate_calls_go():
+    import jax
+    from flax import nnx
+
+    from sfpo_jax.models import CausalLM, ModelConfig
+    from sfpo_jax.sampling import Sampler, SamplingConfig
+
+    config = ModelConfig("qwen2", vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=8, attention_bias=True, max_position_embeddings=32)
+    sampler = Sampler(CausalLM(config, rngs=nnx.Rngs(0)), prompt_buckets=(4,))
+    seeds = []
+
+    def run(seed):
+        seeds.append(seed)
+        sampler.generate([[1, 2, 3, 4]], SamplingConfig(max_new_tokens=2), jax.random.key(seed))
+
+    text = bench_sampler.host_profile(run, calls=3, top=10)
+    assert seeds == [1000, 1001, 1002]
+    assert "cumulative" in text and "ncalls" in text
+    assert "sampler.py" in text and "(generate)" in text  # the library's own frames, by cumulative time
 
 
 def test_bench_fastest_picks_each_side_at_its_fastest_precision():
