@@ -70,6 +70,8 @@ def test_yaml_and_overrides_round_trip(tmp_path):
         ("rollout.num_minibatches=3", "rollout.num_minibatches=3 must divide prompts_per_step=256"),
         ("loss.agg=sum", "loss.agg: 'sum' (expected one of"),
         ("algo=ppo", "algo: 'ppo'"),
+        ("model.attention=cudnn", "model.attention='cudnn' needs compute_dtype 'bfloat16'"),
+        ("model.attention=flash", "model.attention: 'flash' (expected one of"),
         ("nosuchsection.x=1", "unknown field(s) ['nosuchsection']"),
         ("sfpo", "not of the form section.field=value"),
     ],

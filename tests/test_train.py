@@ -258,6 +258,21 @@ def test_model_remat_config_gives_the_same_update(policy_dir):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
+def test_model_attention_config_builds_the_cudnn_learner_only_on_a_gpu(policy_dir, monkeypatch):
+    """``model.attention=cudnn`` is refused on a backend without cuDNN, before the policy is even located (a warm-up
+    policy would otherwise be trained first); on a GPU it builds the model with that learner attention."""
+    import sfpo_jax.train.policy as policy
+
+    cfg = load_config(None, [f"model.path={policy_dir}", "model.compute_dtype=bfloat16", "model.attention=cudnn"])
+    monkeypatch.setattr(policy, "policy_path", lambda *a: pytest.fail("located the policy before the check"))
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU; JAX's backend here is 'cpu'"):
+        load_policy(cfg, ArithmeticTask(num_train=8, num_eval=1))
+    monkeypatch.undo()
+    monkeypatch.setattr(policy.jax, "default_backend", lambda: "gpu")
+    model, _ = load_policy(cfg, ArithmeticTask(num_train=8, num_eval=1))
+    assert model.attention == "cudnn" and model.dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["one-device", "data-parallel"])
 def test_recomputed_old_logprobs_match_the_sampler(policy_dir, sharded):
     """The learner's forward pass at θ_s gives back the sampler's log-probs on a real rollout (float32)."""

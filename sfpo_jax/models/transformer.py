@@ -218,11 +218,10 @@ def attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtyp
     log-sum-exp is below ~-88.7 and T % 128 == 64: the padded half of the last key tile is scored 0 rather than
     masked, so exp(0 - lse) overflows.
 
-    Experimental. Measured on one H200 (`experiments/attention_check.py`, BENCHMARKS.md "GPU"): forward+backward
-    1.94x `attend`'s at 4 x 2048 tokens and 1.32x at 8 x 512, gradient cosine 0.9998 to it. At 16 x 192
-    (192 % 128 == 64) with 48-token left padding a gradient held a NaN. That run predates the self-slot rule above,
-    and the rule is not yet measured on a GPU. Until a GPU run confirms it, the trainer does not offer this path;
-    only `CausalLM(attention="cudnn")` does.
+    Measured on one H100 (`experiments/attention_check.py`, BENCHMARKS.md "GPU"): forward+backward 2.17x `attend`'s
+    at 4 x 2048 tokens, 1.42x at 8 x 512 and 1.33x at 16 x 192, gradient cosine 0.9998 to it. At 16 x 192
+    (192 % 128 == 64) with 48-token left padding, the kernel's gradient is NaN without the self-slot rule (twice on
+    the H100, once on an H200) and finite with it. The trainer offers this path as `model.attention: cudnn`.
 
     Args:
       q: `[B, T, H, D]`; k, v: `[B, T, KVH, D]`, H a multiple of KVH.

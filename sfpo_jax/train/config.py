@@ -50,13 +50,24 @@ class PolicyConfig:
     resolution for almost every weight); ``compute_dtype`` the dtype of every matrix product's operands in the
     forward and backward passes and in sampling, accumulated in float32, and of the KV cache (None:
     ``param_dtype``). Activations between products, log-probs and losses are float32 either way (see
-    ``sfpo_jax.models.CausalLM``). bfloat16 is also the faster setting on a CPU with AVX512-BF16 (BENCHMARKS.md)."""
+    ``sfpo_jax.models.CausalLM``). bfloat16 is also the faster setting on a CPU with AVX512-BF16 (BENCHMARKS.md).
+
+    ``attention`` is how the learner's forward and backward passes attend (``CausalLM``'s argument): ``einsum``
+    on any backend, or ``cudnn``, one fused cuDNN flash-attention kernel per layer (NVIDIA GPUs, bfloat16
+    compute; 2.2x faster forward+backward at 4 x 2048 tokens on an H100, BENCHMARKS.md "GPU"). Sampling always
+    attends over its KV cache with ``einsum``."""
 
     path: str = "warmup"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     compute_dtype: Literal["float32", "bfloat16"] | None = None
     remat: bool = False  # rematerialise each layer's activations in the backward pass (long sequences, big models)
+    attention: Literal["einsum", "cudnn"] = "einsum"
     warmup: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # sfpo_jax.train.warmup.WarmupConfig
+
+    def __post_init__(self):
+        if self.attention == "cudnn" and (self.compute_dtype or self.param_dtype) != "bfloat16":
+            raise ValueError(f"attention='cudnn' needs compute_dtype 'bfloat16' (cuDNN's flash attention has no "
+                             f"float32 kernel), got {self.compute_dtype or self.param_dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True)

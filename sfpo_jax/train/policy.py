@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from sfpo_jax.models import from_pretrained, load_tokenizer, smollm2_path
@@ -55,12 +56,20 @@ def prepare_policy(cfg: Config) -> Path:
 
 def load_policy(cfg: Config, task, *, mesh=None, rules=None):
     """``(model, tokenizer)`` of the run's initial policy with ``model.param_dtype`` params computing in
-    ``model.compute_dtype``, sharded over ``mesh``, with activation rematerialisation when ``model.remat`` is set."""
-    path = policy_path(cfg, task)
+    ``model.compute_dtype``, sharded over ``mesh``, with activation rematerialisation when ``model.remat`` is set
+    and the learner attention ``model.attention``.
+
+    Raises:
+      ValueError: ``model.attention='cudnn'`` where JAX's backend is not a GPU (checked here, before the policy
+        is built or trained, rather than when the first update compiles)."""
     m = cfg.model
+    if m.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"model.attention='cudnn' runs cuDNN's flash attention, which needs an NVIDIA GPU; JAX's "
+                         f"backend here is {jax.default_backend()!r} (use model.attention=einsum)")
+    path = policy_path(cfg, task)
     model = from_pretrained(path, dtype=jnp.dtype(m.param_dtype),
                             compute_dtype=jnp.dtype(m.compute_dtype or m.param_dtype),
-                            mesh=mesh, rules=rules, remat=m.remat)
+                            mesh=mesh, rules=rules, remat=m.remat, attention=m.attention)
     tokenizer = load_tokenizer(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
