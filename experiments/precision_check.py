@@ -43,9 +43,9 @@ _LOSS = grpo.LossConfig(entropy_coef=0.0)
 
 @jax.jit
 def _forward(graphdef, state, batch: learner.Batch):
-    """`[N, T, V]` float32 logits at the positions that predict the completion's T tokens."""
-    t = batch.completion_mask.shape[1]
-    return nnx.merge(graphdef, state)(batch.tokens, attention_mask=batch.attention_mask, logits_to_keep=t + 1)[:, :-1]
+    """`[N, T, V]` float32 logits at the positions that predict the completion's T tokens (the learner's)."""
+    return learner.completion_logits(nnx.merge(graphdef, state), batch.tokens, batch.attention_mask,
+                                     batch.completion_mask.shape[1])
 
 
 @jax.jit

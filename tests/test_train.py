@@ -234,6 +234,22 @@ def test_a_batch_that_does_not_split_over_the_mesh_is_refused_before_sampling(po
         train(cfg)
 
 
+def test_completion_logits_are_the_full_forwards_at_the_predicting_positions(policy_dir):
+    """``learner.completion_logits`` runs the LM head on the last T + 1 positions only; its logits are the full
+    forward's at positions [P - 1, P + T - 1), the ones that predict the T completion tokens (left padding included)."""
+    model = from_pretrained(policy_dir, dtype=jnp.float32)
+    rng = np.random.default_rng(0)
+    n, p, t = 4, 5, 3
+    tokens = jnp.asarray(rng.integers(3, 20, (n, p + t)), jnp.int32)
+    mask = jnp.ones((n, p + t), bool).at[::2, :2].set(False)  # left-padded prompts
+    full = model(tokens, attention_mask=mask)
+    np.testing.assert_allclose(learner.completion_logits(model, tokens, mask, t), full[:, p - 1 : p + t - 1],
+                               rtol=1e-5, atol=1e-5)
+    logp, _ = learner.completion_logprobs(model, tokens, mask, jnp.ones((n, t), bool))
+    want = jnp.take_along_axis(jax.nn.log_softmax(full[:, p - 1 : p + t - 1]), tokens[:, p:, None], -1)[..., 0]
+    np.testing.assert_allclose(logp, want, rtol=1e-5, atol=1e-5)
+
+
 def test_model_remat_config_gives_the_same_update(policy_dir):
     """``model.remat=true`` loads the policy with rematerialised layers, and one optimizer call then moves the
     params exactly as without it (within float32 reassociation)."""

@@ -51,6 +51,15 @@ def check_batch(batch: Batch) -> None:
     chex.assert_type([batch.old_logp, batch.advantages, batch.ref_logp], jnp.float32)
 
 
+def completion_logits(model, batch_tokens, attention_mask, num_completion_tokens: int):
+    """``[N, T, V] float32`` logits of ``model`` at the positions that predict the last T = ``num_completion_tokens``
+    tokens of ``batch_tokens [N, P+T]`` (``attention_mask [N, P+T]``)."""
+    # The logit at position t predicts token t+1: the completion's T tokens are predicted by [P-1, P+T-1), so only
+    # the last T + 1 positions need the LM head (as TRL's GRPOTrainer asks transformers for).
+    logits = model(batch_tokens, attention_mask=attention_mask, logits_to_keep=num_completion_tokens + 1)
+    return logits[:, :-1]
+
+
 def completion_logprobs(model, batch_tokens, attention_mask, completion_mask):
     """Log-probs and entropies of the completion tokens under ``model``.
 
@@ -62,10 +71,8 @@ def completion_logprobs(model, batch_tokens, attention_mask, completion_mask):
       ``(logp, entropy)``, both ``[N, T] float32`` and zero where ``completion_mask`` is 0.
     """
     T = completion_mask.shape[1]
-    # The logit at position t predicts token t+1: the completion's T tokens are predicted by [P-1, P+T-1), so only
-    # the last T + 1 positions need the LM head (as TRL's GRPOTrainer asks transformers for).
-    logits = model(batch_tokens, attention_mask=attention_mask, logits_to_keep=T + 1)  # [N, T+1, V] float32
-    return grpo.token_logprobs_and_entropy(logits[:, :-1], batch_tokens[:, -T:], completion_mask)
+    logits = completion_logits(model, batch_tokens, attention_mask, T)
+    return grpo.token_logprobs_and_entropy(logits, batch_tokens[:, -T:], completion_mask)
 
 
 def minibatch_loss(params, graphdef, batch: Batch, loss: grpo.LossConfig, num_tokens, num_seqs):
