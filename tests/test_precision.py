@@ -433,10 +433,48 @@ def test_fused_attention_matches_attend():
     np.testing.assert_array_equal(np.asarray(kernel_mask)[:, 0][real], np.asarray(mask)[real])
 
 
+def test_cudnn_prefill_fills_the_cache_as_the_einsum_prefill(batch, monkeypatch):
+    """A prefill into a cache of exactly its T slots (the sampler's) attends through `attend_fused` with
+    `attention="cudnn"` (here JAX's reference in place of the kernel): its logits are the cache-less fused forward's,
+    bit for bit, and within bf16 rounding of the einsum prefill's, and so are the keys and values it writes (layer
+    0's exactly: they precede any attention). A decode step from that cache attends with `attend`, and gives the
+    einsum path's next-token logits to bf16 rounding."""
+    from sfpo_jax.models import transformer
+
+    calls, fused_kernel = [], transformer.attend_fused
+
+    def reference(q, k, v, mask, dtype):
+        calls.append(q.shape[1])
+        return fused_kernel(q, k, v, mask, dtype, implementation="xla")
+
+    monkeypatch.setattr(transformer, "attend_fused", reference)
+    ids, mask = batch
+    ids, mask = ids[:, :24], mask[:, :24]
+    models = {a: tiny_model(F32, BF16) for a in ("einsum", "cudnn")}
+    models["cudnn"].attention = "cudnn"
+    out = {}
+    for name, model in models.items():
+        logits, cache = model(ids, attention_mask=mask, cache=model.init_cache(ids.shape[0], ids.shape[1]))
+        step, _ = model(ids[:, -1:], cache=cache.extend(ids.shape[1] + 1))
+        out[name] = logits, cache, step
+    assert calls == [24] * config(True).num_layers  # the prefill's layers; not the einsum model's, not the step's
+    (logits, cache, step), (logits_f, cache_f, step_f) = out["einsum"], out["cudnn"]
+    real = np.asarray(mask)
+    np.testing.assert_array_equal(np.asarray(logits_f), np.asarray(models["cudnn"](ids, attention_mask=mask)))
+    scale = np.abs(np.asarray(logits)[real]).max()
+    assert np.abs(np.asarray(logits_f - logits)[real]).max() < 0.05 * scale
+    np.testing.assert_array_equal(np.asarray(cache_f.k[0]), np.asarray(cache.k[0]))
+    # Layer 1's keys follow layer 0's attention; at padding slots (masked for every query) the two paths differ.
+    k1, k1_f = (np.asarray(from_storage(c.k[1], BF16), np.float32).transpose(0, 3, 1, 2)[real]
+                for c in (cache, cache_f))
+    assert np.abs(k1_f - k1).max() < 0.05 * np.abs(k1).max()
+    assert np.abs(np.asarray(step_f - step)).max() < 0.05 * np.abs(np.asarray(step)).max()
+
+
 def test_cudnn_attention_runs_the_learner_forward_and_backward(batch, monkeypatch):
     """`CausalLM(attention="cudnn")` routes every cache-less call through `attend_fused` (here with JAX's reference in
-    place of the kernel) and gives the einsum path's loss and gradients to bf16 rounding; sampling with a cache keeps
-    `attend`. Bad settings are refused at construction."""
+    place of the kernel) and gives the einsum path's loss and gradients to bf16 rounding; sampling fuses only its
+    prefill and keeps `attend` for the decode steps. Bad settings are refused at construction."""
     from sfpo_jax.models import transformer
 
     calls, fused_kernel = [], transformer.attend_fused
@@ -456,7 +494,7 @@ def test_cudnn_attention_runs_the_learner_forward_and_backward(batch, monkeypatc
     assert float(jnp.linalg.norm(b - a)) <= 0.03 * float(jnp.linalg.norm(a))
     calls.clear()
     Sampler(fused).generate(PROMPTS, SamplingConfig(max_new_tokens=3, temperature=0.0), jax.random.key(0))
-    assert calls == []
+    assert len(calls) == config(True).num_layers and all(shape[1] > 1 for shape in calls)  # the prefill only
     with pytest.raises(ValueError, match="must be one of"):
         CausalLM(config(True), attention="flash", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="bfloat16 or float16"):

@@ -258,20 +258,23 @@ class Attention(nnx.Module):
     def __call__(self, x, rope, mask, kv=None, layer=0, index=None, attention="einsum"):
         """x `[B, T, E]`, rope `rope_angles(...)`, mask `[B, T, S] bool`. Without `kv`, S = T and the keys are
         this call's; with `kv = (k_all, v_all)` (`KVCache.k`, `.v`), this call's keys are written into layer `layer`
-        at slot `index` and attention runs over all S slots. `attention="cudnn"` runs the cache-less path through
-        `attend_fused`. Returns `(y [B, T, E], kv)`."""
+        at slot `index` and attention runs over all S slots. `attention="cudnn"` runs the cache-less path, and a
+        prefill into a cache of exactly T slots, through `attend_fused`. Returns `(y [B, T, E], kv)`."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if kv is None and attention == "cudnn":
-            return self.o_proj(attend_fused(q, k, v, mask, self.dtype)), kv
+        # A cache of exactly T slots is a prefill (index 0, the sampler's): its keys are this call's, as without one.
+        fused = attention == "cudnn" and (kv is None or kv[0].shape[-1] == x.shape[1])
+        out = attend_fused(q, k, v, mask, self.dtype) if fused else None
         k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, KVH, D, T], [B, KVH, T, D]
         if kv is not None:
             k_all, v_all = kv
             kv = (_write(k_all, k, (layer, 0, 0, 0, index)), _write(v_all, v, (layer, 0, 0, index, 0)))
             k, v = (from_storage(x[layer], self.dtype) for x in kv)
-        return self.o_proj(attend(q, k, v, mask, self.dtype)), kv
+        if out is None:
+            out = attend(q, k, v, mask, self.dtype)
+        return self.o_proj(out), kv
 
 
 def _write(cache: jax.Array, new: jax.Array, start: tuple) -> jax.Array:
@@ -323,7 +326,9 @@ class CausalLM(nnx.Module):
         memory on long training sequences; the gradients are the same.
       attention: how a call without a cache (the learner's forward and backward) attends: `"einsum"`, the
         products of `attend` on any backend; or `"cudnn"`, one fused flash-attention kernel (`attend_fused`:
-        NVIDIA GPUs, a bfloat16 or float16 compute dtype). Decoding with a cache always uses `attend`.
+        NVIDIA GPUs, a bfloat16 or float16 compute dtype). So does the sampler's prefill, a cached call whose cache
+        has exactly its T slots, where the fused kernel also saves the `[B, heads, T, T]` float32 scores; decode
+        steps always use `attend`.
     """
 
     def __init__(self, config: ModelConfig, *, param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs,

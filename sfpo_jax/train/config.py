@@ -52,10 +52,10 @@ class PolicyConfig:
     ``param_dtype``). Activations between products, log-probs and losses are float32 either way (see
     ``sfpo_jax.models.CausalLM``). bfloat16 is also the faster setting on a CPU with AVX512-BF16 (BENCHMARKS.md).
 
-    ``attention`` is how the learner's forward and backward passes attend (``CausalLM``'s argument): ``einsum``
-    on any backend, or ``cudnn``, one fused cuDNN flash-attention kernel per layer (NVIDIA GPUs, bfloat16
-    compute; 2.2x faster forward+backward at 4 x 2048 tokens on an H100, BENCHMARKS.md "GPU"). Sampling always
-    attends over its KV cache with ``einsum``."""
+    ``attention`` is how the learner's forward and backward passes and the sampler's prefill attend (``CausalLM``'s
+    argument): ``einsum`` on any backend, or ``cudnn``, one fused cuDNN flash-attention kernel per layer (NVIDIA
+    GPUs, bfloat16 compute; 2.2x faster forward+backward at 4 x 2048 tokens on an H100, and no float32 scores in
+    memory, BENCHMARKS.md "GPU"). Decode steps always attend over their KV cache with ``einsum``."""
 
     path: str = "warmup"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
