@@ -266,14 +266,13 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         # A cache of exactly T slots is a prefill (index 0, the sampler's): its keys are this call's, as without one.
         fused = attention == "cudnn" and (kv is None or kv[0].shape[-1] == x.shape[1])
-        out = attend_fused(q, k, v, mask, self.dtype) if fused else None
-        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, KVH, D, T], [B, KVH, T, D]
+        k_t, v_t = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B, KVH, D, T], [B, KVH, T, D]
         if kv is not None:
             k_all, v_all = kv
-            kv = (_write(k_all, k, (layer, 0, 0, 0, index)), _write(v_all, v, (layer, 0, 0, index, 0)))
-            k, v = (from_storage(x[layer], self.dtype) for x in kv)
-        if out is None:
-            out = attend(q, k, v, mask, self.dtype)
+            kv = (_write(k_all, k_t, (layer, 0, 0, 0, index)), _write(v_all, v_t, (layer, 0, 0, index, 0)))
+            if not fused:  # attend over every slot, as stored
+                k_t, v_t = (from_storage(c[layer], self.dtype) for c in kv)
+        out = attend_fused(q, k, v, mask, self.dtype) if fused else attend(q, k_t, v_t, mask, self.dtype)
         return self.o_proj(out), kv
 
 
