@@ -365,7 +365,7 @@ def run_w3(model, repeats: int, warmup: int) -> dict:
 
     from sfpo_jax.optim import sfpo
 
-    shapes = jax.tree.map(lambda x: tuple(x.shape), nnx.state(model, nnx.Param).to_pure_dict())
+    shapes = jax.tree.map(lambda x: tuple(x.shape), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     grads = random_tree(jax.random.key(1), shapes, scale=1e-3)
     adamw = optax.adamw(1e-6, b1=0.9, b2=0.999, weight_decay=0.01)
     runs = {}
