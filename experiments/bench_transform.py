@@ -188,7 +188,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from sfpo_jax.host import use_huge_pages
+    from sfpo_jax.host import configure_malloc
 
-    use_huge_pages()  # with SFPO_HUGE_PAGES=1: re-runs this script with malloc on huge pages (sfpo_jax.host)
+    configure_malloc()  # malloc keeps freed memory (SFPO_RETAIN_MEMORY=0: off); SFPO_HUGE_PAGES=1: huge pages
     main()

@@ -103,4 +103,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from sfpo_jax.host import configure_malloc
+
+    configure_malloc()  # the same malloc settings as the JAX side, whose environment this worker inherits
     main()
