@@ -6,7 +6,7 @@ Architecture: layers, what each may import, and one step's data flow
 Each package is usable on its own; a package imports only those below it in this list (and never the ones
 above), and only through their public ``__init__`` names::
 
-  host       process settings read at startup: malloc on huge pages (opt-in)          (stdlib)
+  host       malloc settings: keep freed memory for reuse; huge pages (opt-in)        (stdlib)
   optim      SFPO as an optax transformation: sfpo(), SFPOState, calls_per_batch()    (jax, optax)
   rl         the GRPO objective: LossConfig, group_advantages, policy_loss, ...       (jax)
   parallel   Mesh, logical-axis sharding rules, multi-host init and data helpers      (jax)

@@ -9,7 +9,8 @@ and ~0.8 s of kernel time in a 1.6 s update call. Two remedies, each measured on
 **Keep freed memory (`retain_freed_memory`; on in the experiment scripts, `SFPO_RETAIN_MEMORY=0` turns it off).**
 malloc keeps what the process frees for its next allocations instead of returning it to the kernel, so a program's
 second call reuses its first call's pages: no faults at all after the first call, and a W2 update call took 1.2 s
-instead of 1.6 s. It is set with `mallopt` from inside the running process, before JAX starts its threads.
+instead of 1.6 s. It is set with `mallopt` from inside the running process, before JAX starts its threads. The
+cost: the process never gives memory back, and fragmentation can leave it holding more than its peak needs.
 
 **Transparent huge pages for malloc (opt-in: `SFPO_HUGE_PAGES=1`).** With `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
 (glibc >= 2.35) malloc asks the kernel for transparent huge pages (`madvise(MADV_HUGEPAGE)`), 2 MiB at a time, so
