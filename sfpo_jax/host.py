@@ -60,19 +60,27 @@ def huge_pages_env(environ: Mapping[str, str], *, system: str | None = None,
     other than `madvise`, or the tunable already set. `system`, `libc` and `mode` default to this machine's."""
     if environ.get(ENABLE) != "1" or TUNABLE.split("=")[0] in environ.get("GLIBC_TUNABLES", ""):
         return None
-    if (system or platform.system()) != "Linux":
-        return None
-    name, version = libc or platform.libc_ver()
-    try:
-        too_old = tuple(int(v) for v in version.split(".")[:2]) < _MIN_GLIBC
-    except ValueError:
-        too_old = True
-    if name != "glibc" or too_old:
+    version = glibc_version(system=system, libc=libc)
+    if version is None or version < _MIN_GLIBC:
         return None
     if (thp_mode() if mode == "unset" else mode) != "madvise":
         return None
     tunables = ":".join(t for t in (environ.get("GLIBC_TUNABLES", ""), TUNABLE) if t)
     return {**environ, "GLIBC_TUNABLES": tunables}
+
+
+def glibc_version(*, system: str | None = None, libc: tuple[str, str] | None = None) -> tuple[int, ...] | None:
+    """(major, minor) of this machine's glibc, or None: not Linux, not glibc (musl: `platform.libc_ver()` knows no
+    version), or no readable version. `system` and `libc` default to this machine's."""
+    if (system or platform.system()) != "Linux":
+        return None
+    name, version = libc or platform.libc_ver()
+    if name != "glibc":
+        return None
+    try:
+        return tuple(int(v) for v in version.split(".")[:2])
+    except ValueError:
+        return None
 
 
 def use_huge_pages() -> None:
@@ -104,8 +112,7 @@ def retain_freed_memory() -> bool:
     Call it before JAX's first computation: a thread that has already allocated keeps its own arena. Called after,
     it warns and still applies to the threads that allocate for the first time from then on.
     """
-    name, _ = platform.libc_ver()
-    if platform.system() != "Linux" or name != "glibc":
+    if glibc_version() is None:
         return False
     if _jax_started():
         warnings.warn("retain_freed_memory() after JAX started: the threads that have already allocated keep "
