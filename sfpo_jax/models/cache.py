@@ -91,6 +91,13 @@ class KVCache(NamedTuple):
         pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis else 0) for a in range(x.ndim)])
         return self._replace(k=pad(self.k, 4), v=pad(self.v, 3), mask=pad(self.mask, 1))
 
+    def take_rows(self, rows: jax.Array) -> KVCache:
+        """The cache whose row `i` is this cache's row `rows[i]` (`rows`: `[B'] int32`, repeats allowed), e.g. a
+        prompt prefilled once and copied for each of its samples."""
+        take = lambda x, axis: jnp.take(x, rows, axis=axis, mode="clip")
+        return self._replace(k=take(self.k, 1), v=take(self.v, 1), mask=take(self.mask, 0),
+                             num_tokens=take(self.num_tokens, 0))
+
     @staticmethod
     def logical_axes() -> KVCache:
         """Logical axis names of each field, e.g. for `jax.tree.map(f, cache, KVCache.logical_axes())`

@@ -6,7 +6,9 @@ A call to `Sampler.generate` left-pads the prompts to a bucketed length P (`prom
 share P (so equal chunks share one program). The prefill writes the first P-1 prompt columns into a fresh cache of
 that length, extends it to the full cache length S and returns only the cache (so no `[B, P, V]` logits are ever
 computed); the decode program, which receives the cache donated, starts by feeding the last prompt column (real for
-every row, since prompts are left-padded) and then feeds back each sampled token.
+every row, since prompts are left-padded) and then feeds back each sampled token. With `num_samples` > 1 (GRPO's
+groups) the prefill runs once per prompt, not once per sample, and copies each prompt's cache rows to its samples'
+rows: the same rollout for a fraction of the prefill.
 
 Precision: the programs compute in the model's compute dtype (`CausalLM.dtype`): float params (e.g. float32 masters
 of a bfloat16-compute model) are cast to it once per `generate` call, and the KV cache is in it; logits, sampling
@@ -125,7 +127,7 @@ class _DecodeSpec:
 class _Program(NamedTuple):
     prefill: Any
     decode: Any
-    batch_sharding: Any  # of `[B, T]` inputs, or None without a mesh
+    prompt_sharding: Any  # of the prefill's `[B or prefill_rows, T]` inputs, or None without a mesh
     row_sharding: Any  # of `[B]` inputs
 
 
@@ -173,8 +175,8 @@ class Sampler:
         self._param_shardings = None if mesh is None else param_shardings(state, mesh, rules)
         self.compute_dtype = getattr(model, "dtype", None)
         self._cast = None  # the jitted `cast_product_operands`, built on first use
-        batch_shards = 1 if mesh is None else num_shards(logical_sharding(mesh, ("batch",), rules))
-        self.batch_multiple = math.lcm(batch_multiple, batch_shards)
+        self._batch_shards = 1 if mesh is None else num_shards(logical_sharding(mesh, ("batch",), rules))
+        self.batch_multiple = math.lcm(batch_multiple, self._batch_shards)
         self._programs: dict[tuple, _Program] = {}
         self.num_traces = 0  # how many times a prefill / decode program was traced (= compiled): tests, logs
 
@@ -225,13 +227,16 @@ class Sampler:
         return p, p + new
 
     # --------------------------------------------------------------------------------------------- programs
-    def _program(self, b: int, p: int, s: int, spec: _DecodeSpec) -> _Program:
-        key = (b, p, s, spec)
+    def _program(self, b: int, p: int, s: int, spec: _DecodeSpec, prefill_rows: int | None = None) -> _Program:
+        """The (prefill, decode) pair of a batch of `b` rows, prompts of `p` columns, `s` cache slots. With
+        `prefill_rows`, the prefill takes that many rows (one per prompt) and a `[b]` row index that copies them
+        into the decode batch's rows (one per sample)."""
+        key = (b, p, s, spec, prefill_rows)
         if key in self._programs:
             return self._programs[key]
         graphdef = self._graphdef
 
-        def prefill(state, ids, mask):
+        def prefill(state, ids, mask, rows=None):
             self.num_traces += 1
             model = nnx.merge(graphdef, state)
             # Prefilled into a cache of the prompt's own length, then extended to S slots: the prompt's attention
@@ -240,7 +245,7 @@ class Sampler:
             cache = model.init_cache(ids.shape[0], ids.shape[1])
             if ids.shape[1] > 0:
                 _, cache = model(ids, attention_mask=mask, cache=cache)  # logits unused: XLA drops the LM head
-            return cache.extend(s)
+            return (cache if rows is None else cache.take_rows(rows)).extend(s)
 
         def decode(state, cache, last, key):
             self.num_traces += 1
@@ -254,13 +259,15 @@ class Sampler:
             cache_sh = jax.tree.map(lambda axes, x: shard(axes, x.shape), KVCache.logical_axes(), cache_shapes,
                                     is_leaf=lambda x: type(x) is tuple)
             rows2, rows1 = shard(("batch", None), (b, 2)), shard(("batch",), (b,))
+            prompts2 = rows2 if prefill_rows is None else shard(("batch", None), (prefill_rows, 2))
             replicated = NamedSharding(self.mesh, PartitionSpec())
             params = self._param_shardings
+            inputs = (params, prompts2, prompts2) if prefill_rows is None else (params, prompts2, prompts2, rows1)
             prog = _Program(
-                jax.jit(prefill, in_shardings=(params, rows2, rows2), out_shardings=cache_sh),
+                jax.jit(prefill, in_shardings=inputs, out_shardings=cache_sh),
                 jax.jit(decode, in_shardings=(params, cache_sh, rows1, replicated),
                         out_shardings=(rows2, rows2, rows1, rows1, cache_sh), donate_argnums=1),
-                rows2, rows1)
+                prompts2, rows1)
         self._programs[key] = prog
         return prog
 
@@ -328,22 +335,47 @@ class Sampler:
             self._generate(prompts[start : start + chunk_size], config, jax.random.fold_in(key, i), state, spec, p, s)
             for i, start in enumerate(range(0, len(prompts), chunk_size))])
 
-    def _generate(self, prompts, config: SamplingConfig, key, state, spec: _DecodeSpec, p: int, s: int) -> Rollout:
-        """One (prefill, decode) call on `prompts` padded to `p` columns, with `state` already in the compute dtype
-        and placed."""
-        n = len(prompts) * config.num_samples
-        b = -(-n // self.batch_multiple) * self.batch_multiple
+    def _padded(self, n: int) -> int:
+        """`n` rows padded to the batch size of a program (a multiple of `batch_multiple`)."""
+        return -(-n // self.batch_multiple) * self.batch_multiple
+
+    def _left_pad(self, prompts, copies: int, b: int, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(ids, mask)`, both `[b, p]`: `copies` rows of each prompt, left-padded to `p` columns, in order, then
+        batch padding rows with one real (pad) token in the last column, so that every row's last column is real."""
         ids = np.full((b, p), self.pad_token_id, np.int32)
         mask = np.zeros((b, p), bool)
         for i, prompt in enumerate(prompts):
-            rows = slice(i * config.num_samples, (i + 1) * config.num_samples)
+            rows = slice(i * copies, (i + 1) * copies)
             ids[rows, p - len(prompt):] = prompt
             mask[rows, p - len(prompt):] = True
-        mask[n:, -1] = True  # batch padding rows: one real (pad) token, so every row's last column is real
+        mask[len(prompts) * copies:, -1] = True
+        return ids, mask
 
-        prog = self._program(b, p, s, spec)
-        cache = prog.prefill(state, self._put(ids[:, :-1], prog.batch_sharding),
-                             self._put(mask[:, :-1], prog.batch_sharding))
+    def _generate(self, prompts, config: SamplingConfig, key, state, spec: _DecodeSpec, p: int, s: int) -> Rollout:
+        """One (prefill, decode) call on `prompts` padded to `p` columns, with `state` already in the compute dtype
+        and placed."""
+        g = config.num_samples
+        n = len(prompts) * g
+        b = self._padded(n)
+        ids, mask = self._left_pad(prompts, g, b, p)
+        # The samples of a prompt share its prefill: the prefill runs on one row per prompt (padded to a power of
+        # two, so that few programs serve any number of prompts) and its cache rows are copied to the samples' rows
+        # (a prompt's cache does not depend on what is sampled after it).
+        u = -(-(1 << (len(prompts) - 1).bit_length()) // self._batch_shards) * self._batch_shards
+        if g > 1 and u < b:
+            prog = self._program(b, p, s, spec, prefill_rows=u)
+            unique_ids, unique_mask = self._left_pad(prompts, 1, u, p)
+            # Row r of the batch is sample r % g of prompt r // g; a batch padding row (r >= n) copies any row, its
+            # output is dropped.
+            rows = np.minimum(np.arange(b) // g, u - 1).astype(np.int32)
+            rows += jax.process_index() * u  # to_global's layout: each process's rows, in process order
+            cache = prog.prefill(state, self._put(unique_ids[:, :-1], prog.prompt_sharding),
+                                 self._put(unique_mask[:, :-1], prog.prompt_sharding),
+                                 self._put(rows, prog.row_sharding))
+        else:
+            prog = self._program(b, p, s, spec)
+            cache = prog.prefill(state, self._put(ids[:, :-1], prog.prompt_sharding),
+                                 self._put(mask[:, :-1], prog.prompt_sharding))
         # The final cache is returned only so that the donated one can be updated in place; it is dropped here.
         tokens, logprobs, lengths, eos, _ = prog.decode(state, cache, self._put(ids[:, -1], prog.row_sharding), key)
         tokens, logprobs, lengths, eos = (self._get(x)[:n] for x in (tokens, logprobs, lengths, eos))
