@@ -10,6 +10,7 @@ plus our prefill / per-decode-step split.
 
     python experiments/bench_sampler.py [--repeats 5] [--peers transformers,tunix] [--dtypes float32,bfloat16]
                                         [--profile /tmp/trace] [--breakdown] [--host-profile]
+                                        [--prefill-memory | --shared-prefill]
 
 Every side runs in every one of `--dtypes` (ours: float32 master weights computing in that dtype, as the trainer
 samples; the peers: the whole model in it), and the headline ratio is each side at its fastest precision.
@@ -17,6 +18,10 @@ samples; the peers: the whole model in it), and the headline ratio is each side 
 `--prefill-memory` prints, instead of W1, the compiled prefill's temporary memory for a long generation (8 prompts
 of 1024 tokens, 8192 new tokens, a small model): the sampler's prefill into a prompt-length cache, extended
 afterwards, against prefilling straight into the full-length cache.
+
+`--shared-prefill` times, instead of W1, our `generate` of prompts sampled several times each (W2's 2 prompts × 8
+samples, and longer prompts) two ways on one sampler, interleaved: each prompt prefilled once and its cache copied to
+its samples (what `num_samples` does), and every prompt repeated, each row prefilled (what the sampler did before).
 
 `--host-profile` runs our `generate` (in the last of `--dtypes`) `--repeats` more times under `cProfile` and prints
 the Python functions with the most cumulative time: where a call's time goes outside the compiled programs (the
@@ -189,6 +194,40 @@ def prefill_memory(batch: int = 8, prompt_len: int = 1024, new_tokens: int = 819
     return {"sampler_prefill_gb": gb(prog.prefill), "full_length_prefill_gb": gb(jax.jit(full_length))}
 
 
+# (prompt length, prompts, samples per prompt, new tokens): W2's rollout, then longer prompts.
+SHARED_PREFILL_SHAPES = ((64, 2, 8, 128), (256, 4, 4, 64), (512, 2, 8, 128))
+
+
+def shared_prefill(model, shapes=SHARED_PREFILL_SHAPES, repeats: int = 7) -> list[dict]:
+    """Seconds per `generate` of `model` (medians of `repeats` interleaved calls, after one warm-up each) of random
+    prompts sampled several times each, for each `(prompt length, prompts, samples, new tokens)` of `shapes`, two
+    ways on the same sampler: `shared_s`, one call with `num_samples` (each prompt prefilled once, its cache copied
+    to its samples), and `per_row_s`, every prompt repeated with one sample each (every row prefilled, as the
+    sampler did before). Both give the same rollout."""
+    import jax
+
+    from sfpo_jax.sampling import Sampler, SamplingConfig
+
+    out = []
+    for prompt_len, num_prompts, num_samples, new_tokens in shapes:
+        rng = np.random.default_rng(0)
+        prompts = rng.integers(0, model.config.vocab_size, (num_prompts, prompt_len)).tolist()
+        sampler = Sampler(model, prompt_buckets=(prompt_len,))
+        repeated = [p for p in prompts for _ in range(num_samples)]
+        calls = {"shared": (prompts, SamplingConfig(max_new_tokens=new_tokens, num_samples=num_samples)),
+                 "per_row": (repeated, SamplingConfig(max_new_tokens=new_tokens))}
+        times = {name: [] for name in calls}
+        for i in range(repeats + 1):
+            for name, (batch, config) in calls.items():
+                start = time.perf_counter()
+                sampler.generate(batch, config, jax.random.key(i))
+                if i:  # call 0 is the warm-up
+                    times[name].append(time.perf_counter() - start)
+        out.append(dict(prompt_len=prompt_len, prompts=num_prompts, samples=num_samples, new_tokens=new_tokens,
+                        **{f"{name}_s": statistics.median(t) for name, t in times.items()}))
+    return out
+
+
 def make_transformers(path: Path, prompts: np.ndarray, dtype: str = "float32"):
     """transformers `generate` in a worker process (see `torch_peer.py`: PyTorch slows down beside JAX), the model
     in `dtype`; the returned `run` waits for the worker and returns the seconds the call took there."""
@@ -281,12 +320,29 @@ def main():
                         help="print where our generate call's host time goes (cProfile)")
     parser.add_argument("--prefill-memory", action="store_true",
                         help="instead of W1, the prefill's temporary memory for a long generation")
+    parser.add_argument("--shared-prefill", action="store_true",
+                        help="instead of W1, generate with samples sharing their prompt's prefill vs prefilling every "
+                             "row (ours only, in the last of --dtypes)")
     args = parser.parse_args()
     if args.prefill_memory:
         print(json.dumps(prefill_memory()))
         return
 
     path = make_checkpoint(args.model_dir)
+    if args.shared_prefill:
+        print(f"{os.cpu_count()} cores, {args.dtypes.split(',')[-1]}, median of {args.repeats} interleaved calls; "
+              f"load average {os.getloadavg()[0]:.1f} before")
+        import jax.numpy as jnp
+
+        from sfpo_jax.models import from_pretrained
+
+        model = from_pretrained(path, dtype=jnp.float32, compute_dtype=jnp.dtype(args.dtypes.split(",")[-1]))
+        for row in shared_prefill(model, repeats=args.repeats):
+            print(f"  {row['prompts']} prompts of {row['prompt_len']} tokens × {row['samples']} samples, "
+                  f"{row['new_tokens']} new tokens: shared prefill {row['shared_s']:.3f} s, every row prefilled "
+                  f"{row['per_row_s']:.3f} s ({row['per_row_s'] / row['shared_s']:.2f}×)")
+        print(f"load average {os.getloadavg()[0]:.1f} after")
+        return
     prompts = np.random.default_rng(0).integers(0, ARCH["vocab_size"], (BATCH, PROMPT_LEN)).astype(np.int32)
     new_tokens = BATCH * NEW_TOKENS
     dtypes = args.dtypes.split(",")

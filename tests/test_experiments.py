@@ -189,6 +189,18 @@ def test_bench_fastest_picks_each_side_at_its_fastest_precision():
     assert bench_sampler.fastest({"ours float32": 1.0}) == {"ours": "ours float32"}
 
 
+def test_bench_sampler_shared_prefill_times_both_ways():
+    from flax import nnx
+
+    from sfpo_jax.models import CausalLM, ModelConfig
+
+    config = ModelConfig("qwen2", vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=8, attention_bias=True, max_position_embeddings=32)
+    (row,) = bench_sampler.shared_prefill(CausalLM(config, rngs=nnx.Rngs(0)), shapes=((6, 2, 4, 3),), repeats=2)
+    assert row["prompt_len"] == 6 and row["prompts"] == 2 and row["samples"] == 4 and row["new_tokens"] == 3
+    assert row["shared_s"] > 0 and row["per_row_s"] > 0
+
+
 def test_bench_sampler_prefill_memory_compares_the_two_prefills():
     gb = bench_sampler.prefill_memory(batch=2, prompt_len=64, new_tokens=512)
     # The sampler's prefill attends over its 63 prompt columns, the full-length one over all 576 slots.
