@@ -316,6 +316,28 @@ def test_warmup_reaches_partial_accuracy_and_is_cached(tmp_path, monkeypatch):
     # A different task configuration is a different cache entry.
     other = ArithmeticTask(num_operands=2, digits=1, ops="+", num_train=80, num_eval=20, seed=1)
     assert warmup.cache_key(other, cfg) != warmup.cache_key(task, cfg)
+    # So is the same task and config on other code.
+    monkeypatch.setattr(warmup, "code_fingerprint", lambda: "another version of the library")
+    assert warmup.cache_key(task, cfg) != path.name
+
+
+def test_code_fingerprint_follows_the_source_and_the_library_versions(tmp_path, monkeypatch):
+    from sfpo_jax.train import warmup
+
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "pkg" / "notes.txt").write_text("not code")
+    fingerprint = lambda: warmup.code_fingerprint.__wrapped__(tmp_path / "pkg", ("jax",))
+    first = fingerprint()
+    assert fingerprint() == first and len(first) == 64
+    (tmp_path / "pkg" / "notes.txt").write_text("still not code")
+    assert fingerprint() == first
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 3\n")
+    changed = fingerprint()
+    assert changed != first
+    monkeypatch.setattr(warmup.importlib.metadata, "version", lambda name: "0.0.0")
+    assert fingerprint() != changed
 
 
 def test_warmup_supervised_encoding():
