@@ -329,14 +329,15 @@ def main():
         return
 
     path = make_checkpoint(args.model_dir)
+    dtypes = args.dtypes.split(",")
     if args.shared_prefill:
-        print(f"{os.cpu_count()} cores, {args.dtypes.split(',')[-1]}, median of {args.repeats} interleaved calls; "
+        print(f"{os.cpu_count()} cores, {dtypes[-1]}, median of {args.repeats} interleaved calls; "
               f"load average {os.getloadavg()[0]:.1f} before")
         import jax.numpy as jnp
 
         from sfpo_jax.models import from_pretrained
 
-        model = from_pretrained(path, dtype=jnp.float32, compute_dtype=jnp.dtype(args.dtypes.split(",")[-1]))
+        model = from_pretrained(path, dtype=jnp.float32, compute_dtype=jnp.dtype(dtypes[-1]))
         for row in shared_prefill(model, repeats=args.repeats):
             print(f"  {row['prompts']} prompts of {row['prompt_len']} tokens × {row['samples']} samples, "
                   f"{row['new_tokens']} new tokens: shared prefill {row['shared_s']:.3f} s, every row prefilled "
@@ -345,7 +346,6 @@ def main():
         return
     prompts = np.random.default_rng(0).integers(0, ARCH["vocab_size"], (BATCH, PROMPT_LEN)).astype(np.int32)
     new_tokens = BATCH * NEW_TOKENS
-    dtypes = args.dtypes.split(",")
     load_before = os.getloadavg()
     runs, skipped, samplers = {}, {}, {}
     for dtype in dtypes:

@@ -59,6 +59,11 @@ def prompt_bucket(longest: int) -> int:
     return next((b for b in DEFAULT_PROMPT_BUCKETS if b >= longest), int(longest))
 
 
+def _round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is at least `n`."""
+    return -(-n // multiple) * multiple
+
+
 class FinishReason(enum.IntEnum):
     """Why a completion ended (the codes in `Rollout.finish_reason`)."""
 
@@ -259,10 +264,10 @@ class Sampler:
             cache_sh = jax.tree.map(lambda axes, x: shard(axes, x.shape), KVCache.logical_axes(), cache_shapes,
                                     is_leaf=lambda x: type(x) is tuple)
             rows2, rows1 = shard(("batch", None), (b, 2)), shard(("batch",), (b,))
-            prompts2 = rows2 if prefill_rows is None else shard(("batch", None), (prefill_rows, 2))
+            prompts2 = shard(("batch", None), (prefill_rows or b, 2))
             replicated = NamedSharding(self.mesh, PartitionSpec())
             params = self._param_shardings
-            inputs = (params, prompts2, prompts2) if prefill_rows is None else (params, prompts2, prompts2, rows1)
+            inputs = (params, prompts2, prompts2) + (() if prefill_rows is None else (rows1,))
             prog = _Program(
                 jax.jit(prefill, in_shardings=inputs, out_shardings=cache_sh),
                 jax.jit(decode, in_shardings=(params, cache_sh, rows1, replicated),
@@ -335,10 +340,6 @@ class Sampler:
             self._generate(prompts[start : start + chunk_size], config, jax.random.fold_in(key, i), state, spec, p, s)
             for i, start in enumerate(range(0, len(prompts), chunk_size))])
 
-    def _padded(self, n: int) -> int:
-        """`n` rows padded to the batch size of a program (a multiple of `batch_multiple`)."""
-        return -(-n // self.batch_multiple) * self.batch_multiple
-
     def _left_pad(self, prompts, copies: int, b: int, p: int) -> tuple[np.ndarray, np.ndarray]:
         """`(ids, mask)`, both `[b, p]`: `copies` rows of each prompt, left-padded to `p` columns, in order, then
         batch padding rows with one real (pad) token in the last column, so that every row's last column is real."""
@@ -356,26 +357,25 @@ class Sampler:
         and placed."""
         g = config.num_samples
         n = len(prompts) * g
-        b = self._padded(n)
+        b = _round_up(n, self.batch_multiple)
         ids, mask = self._left_pad(prompts, g, b, p)
         # The samples of a prompt share its prefill: the prefill runs on one row per prompt (padded to a power of
         # two, so that few programs serve any number of prompts) and its cache rows are copied to the samples' rows
         # (a prompt's cache does not depend on what is sampled after it).
-        u = -(-(1 << (len(prompts) - 1).bit_length()) // self._batch_shards) * self._batch_shards
+        u = _round_up(1 << (len(prompts) - 1).bit_length(), self._batch_shards)
         if g > 1 and u < b:
             prog = self._program(b, p, s, spec, prefill_rows=u)
-            unique_ids, unique_mask = self._left_pad(prompts, 1, u, p)
+            prefill_ids, prefill_mask = self._left_pad(prompts, 1, u, p)
             # Row r of the batch is sample r % g of prompt r // g; a batch padding row (r >= n) copies any row, its
             # output is dropped.
             rows = np.minimum(np.arange(b) // g, u - 1).astype(np.int32)
             rows += jax.process_index() * u  # to_global's layout: each process's rows, in process order
-            cache = prog.prefill(state, self._put(unique_ids[:, :-1], prog.prompt_sharding),
-                                 self._put(unique_mask[:, :-1], prog.prompt_sharding),
-                                 self._put(rows, prog.row_sharding))
+            copy = (self._put(rows, prog.row_sharding),)
         else:
             prog = self._program(b, p, s, spec)
-            cache = prog.prefill(state, self._put(ids[:, :-1], prog.prompt_sharding),
-                                 self._put(mask[:, :-1], prog.prompt_sharding))
+            prefill_ids, prefill_mask, copy = ids, mask, ()
+        cache = prog.prefill(state, self._put(prefill_ids[:, :-1], prog.prompt_sharding),
+                             self._put(prefill_mask[:, :-1], prog.prompt_sharding), *copy)
         # The final cache is returned only so that the donated one can be updated in place; it is dropped here.
         tokens, logprobs, lengths, eos, _ = prog.decode(state, cache, self._put(ids[:, -1], prog.row_sharding), key)
         tokens, logprobs, lengths, eos = (self._get(x)[:n] for x in (tokens, logprobs, lengths, eos))
