@@ -338,8 +338,9 @@ def run_w2(model, sampler, sizes: Sizes, compute_dtype: str, repeats: int, warmu
         ])
         rl_step, state = make_rl_step(model, tok, reward, cfg.optimizer(), cfg.rollout, cfg.loss)
         # No early stop; and W1's sampler, whose compiled programs the same shapes and controls reuse.
-        rl_step = dataclasses.replace(rl_step, sampler=sampler,
-                                      sampling=dataclasses.replace(rl_step.sampling, eos_token_ids=()))
+        rollouts = dataclasses.replace(rl_step.rollouts, sampler=sampler,
+                                       sampling=dataclasses.replace(rl_step.sampling, eos_token_ids=()))
+        rl_step = dataclasses.replace(rl_step, rollouts=rollouts)
         steps[algo] = [rl_step, jax.tree.map(jnp.copy, state), PhaseTimer()]  # the update donates the state
 
     rng = np.random.default_rng(1)

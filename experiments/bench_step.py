@@ -100,8 +100,9 @@ class OursStep:
         self.rl_step, state = make_rl_step(self.model, tokenizer, reward, cfg.optimizer(), cfg.rollout, cfg.loss,
                                            mesh=mesh)
         self.state = jax.tree.map(jnp.copy, state)
-        self.rl_step = dataclasses.replace(self.rl_step, sampling=dataclasses.replace(self.rl_step.sampling,
-                                                                                        eos_token_ids=()))
+        rollouts = self.rl_step.rollouts
+        rollouts = dataclasses.replace(rollouts, sampling=dataclasses.replace(rollouts.sampling, eos_token_ids=()))
+        self.rl_step = dataclasses.replace(self.rl_step, rollouts=rollouts)
         self.base_key, self.num_steps, self.timer = jax.random.key(cfg.run.seed), 0, PhaseTimer()
 
     def __call__(self, prompts: list[list[int]]) -> dict[str, float]:

@@ -67,7 +67,7 @@ def rollout(params, key, x, answers, group_size):
 def loss_fn(params, xs, tokens, old_logp, advantages):
     mask = jnp.ones_like(tokens, dtype=bool)
     logp, entropy = grpo.token_logprobs_and_entropy(logits_fn(params, xs)[:, None, :], tokens, mask)
-    loss, _ = grpo.policy_loss(logp, old_logp, advantages, mask, entropy=entropy, entropy_coef=1e-3)
+    loss, _ = grpo.policy_loss(logp, old_logp, advantages, mask, grpo.LossConfig(entropy_coef=1e-3), entropy=entropy)
     return loss, jnp.mean(entropy)
 
 

@@ -15,22 +15,29 @@ above), and only through their public ``__init__`` names::
   rewards    math grading (math-verify in time-bounded worker processes), extraction  (nothing above)
   data       named dataset specs loaded with `datasets`, prompt rendering             (rewards)
   tasks      Task = problems + reward + prompt rendering; built-in tasks registry     (data, rewards)
-  train      config, one RL step (step.py), the loop, run folder, warm-up             (all of the above)
+  train      config, rollout side, learner side, the loop, run folder, warm-up         (all of the above)
   analysis   cross-run learning-efficiency summaries and plots                        (numpy, matplotlib)
 
-One RL step (:func:`sfpo_jax.train.make_rl_step`), as data flows::
+One RL step is two sides with one explicit value between them, a learner ``Batch``::
 
-  prompts ──Sampler(params θ_s)──> Rollout (tokens, masks, sampler log-probs)
-          ──task.reward──> rewards ──group_advantages──> learner Batch (global array over the mesh)
-          ──[logprob_fn at θ_s / reference]──> old and reference log-probs (optional)
-          ──calls_per_batch(opt_state) × update(params, opt_state, minibatch[c % M])──> params, opt_state
-          ──> metrics
+  rollout side (sfpo_jax.train.rollouts.Rollouts): owns the training prompts and the data cursor
+    batch, rollout_metrics, position = rollouts.next(params θ_s, position, key)
+      TrainingPrompts.indices(position.cursor, prompts_per_step) ──Sampler(params θ_s)──> Rollout
+      ──task.reward──> rewards ──group_advantages──> learner Batch (global array over the mesh)
+
+  learner side (sfpo_jax.train.learner.Learner): owns the optimizer calls
+    state, learner_metrics = learner(state, batch)
+      ──[logprob_fn at θ_s / reference]──> old and reference log-probs (optional)
+      ──calls_per_batch(opt_state) × update(params, opt_state, minibatch[c % M])──> params, opt_state
+      ──one device_get──> metrics          M = minibatches_per_epoch(opt_state): the transform is its one source
 
 ``update`` is one jitted call: the GRPO loss's gradient accumulated over micro-batches, then
 ``tx.update(grads, opt_state, params, entropy=...)`` of ``chain(apply_if_finite(adamw), sfpo(K, α, M))``. The
 transform, not the loop, decides the schedule: (K+1)·M calls per batch while SFPO is active (its K-th epoch ends by
-repositioning to θ̃), M after its entropy switch. :func:`sfpo_jax.train.train` is the loop around it: setup,
-steps, evaluation, checkpoints.
+repositioning to θ̃), M after its entropy switch. The :class:`~sfpo_jax.train.rollouts.Position` (batches produced,
+prompts consumed) is checkpointed with the state, so resume is exact whatever a step consumed.
+:func:`sfpo_jax.train.train` is the loop around the two sides: setup, steps, evaluation, checkpoints;
+:func:`sfpo_jax.train.make_rl_step` composes them for a loop of your own on prompts you pick.
 
 Subpackages are imported on first use (``sfpo_jax.rewards.math_reward(...)`` after ``import sfpo_jax``), so
 ``import sfpo_jax`` stays light.

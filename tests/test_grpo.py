@@ -1,5 +1,6 @@
 """The GRPO objective (sfpo_jax.rl.grpo) against NumPy re-derivations, finite differences and masking invariants."""
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -141,8 +142,17 @@ def make_batch(seed=0, b=B, t=T, per_token_adv=False):
                 ref=ref.astype(np.float32), ent=ent.astype(np.float32))
 
 
+LOSS_FIELDS = {f.name for f in dataclasses.fields(grpo.LossConfig)}
+
+
+def policy_loss(logp, old_logp, advantages, mask, **kw):
+    """`grpo.policy_loss` with the `LossConfig` fields among ``kw`` (the entropy bonus off unless given)."""
+    config = grpo.LossConfig(**{"entropy_coef": 0.0, **{k: kw.pop(k) for k in list(kw) if k in LOSS_FIELDS}})
+    return grpo.policy_loss(logp, old_logp, advantages, mask, config, **kw)
+
+
 def call(d, **kw):
-    return grpo.policy_loss(d["lp"], d["old"], d["adv"], d["mask"], **kw)
+    return policy_loss(d["lp"], d["old"], d["adv"], d["mask"], **kw)
 
 
 # ---------------------------------------------------------------------------------------------- advantages
@@ -236,11 +246,11 @@ def test_dual_clip_caps_negative_advantage_loss():
     lp = jnp.log(jnp.array([[5.0, 0.5, 5.0, 1.0]]))
     adv = jnp.array([[-1.0, -1.0, 1.0, -2.0]])
     mask = jnp.ones((1, 4), bool)
-    loss, m = grpo.policy_loss(lp, jnp.zeros((1, 4)), adv, mask, dual_clip=3.0, agg="seq-mean-token-sum")
+    loss, m = policy_loss(lp, jnp.zeros((1, 4)), adv, mask, dual_clip=3.0, agg="seq-mean-token-sum")
     # ρ=5, A=−1: min(max(5, 5·), 3) = 3;  ρ=0.5, A=−1: max(0.5, 0.8) = 0.8;  ρ=5, A=1: −1.2;  ρ=1, A=−2: 2.
     np.testing.assert_allclose(float(loss), 3.0 + 0.8 - 1.2 + 2.0, rtol=1e-6)
     np.testing.assert_allclose(float(m["dual_clip_frac"]), 0.25)
-    g = jax.grad(lambda x: grpo.policy_loss(x, jnp.zeros((1, 4)), adv, mask, dual_clip=3.0)[0])(lp)
+    g = jax.grad(lambda x: policy_loss(x, jnp.zeros((1, 4)), adv, mask, dual_clip=3.0)[0])(lp)
     assert np.all(np.asarray(g)[0, :3] == 0.0) and np.asarray(g)[0, 3] != 0.0
 
 
@@ -280,7 +290,7 @@ def test_microbatch_sums_equal_full_batch(agg):
     norm = dict(num_tokens=int(mask.sum()), num_seqs=int((mask.sum(1) > 0).sum()))
 
     def loss_fn(lp, ent, sl, **norms):
-        return grpo.policy_loss(lp, d["old"][sl], d["adv"][sl], mask[sl], ref_logp=d["ref"][sl], entropy=ent,
+        return policy_loss(lp, d["old"][sl], d["adv"][sl], mask[sl], ref_logp=d["ref"][sl], entropy=ent,
                                 **kw, **norms)[0]
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1))
@@ -317,7 +327,7 @@ def test_gradient_matches_finite_differences_float64(agg, kl_estimator):
         d = {k: np.asarray(v, np.float64) if v.dtype == np.float32 else v for k, v in make_batch(seed=11).items()}
 
         def f(lp, ent):
-            return grpo.policy_loss(lp, d["old"], d["adv"], d["mask"], agg=agg, dual_clip=1.5, clip_high=0.28,
+            return policy_loss(lp, d["old"], d["adv"], d["mask"], agg=agg, dual_clip=1.5, clip_high=0.28,
                                     ref_logp=d["ref"], kl_coef=0.3, kl_estimator=kl_estimator, entropy=ent,
                                     entropy_coef=0.05)[0]
 
@@ -344,7 +354,7 @@ def test_masked_positions_are_inert(agg):
     kw = dict(agg=agg, dual_clip=2.0, kl_coef=0.1, entropy_coef=0.01)
 
     def loss_and_grads(d):
-        fn = lambda lp, ent: grpo.policy_loss(lp, d["old"], d["adv"], d["mask"], ref_logp=d["ref"], entropy=ent,
+        fn = lambda lp, ent: policy_loss(lp, d["old"], d["adv"], d["mask"], ref_logp=d["ref"], entropy=ent,
                                               **kw)
         (loss, metrics), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(d["lp"], d["ent"])
         return loss, metrics, grads
@@ -445,7 +455,7 @@ def test_logprobs_with_neg_inf_logits_and_poisoned_masked_logits():
 
     def loss_fn(z):
         logp, ent = grpo.token_logprobs_and_entropy(z, targets, mask)
-        return grpo.policy_loss(logp, old, jnp.array([1.0, -1.0]), mask, entropy=ent, entropy_coef=0.01)[0]
+        return policy_loss(logp, old, jnp.array([1.0, -1.0]), mask, entropy=ent, entropy_coef=0.01)[0]
 
     loss, g = jax.value_and_grad(loss_fn)(jnp.asarray(logits))
     g = np.asarray(g)
@@ -460,16 +470,18 @@ def test_logprobs_with_neg_inf_logits_and_poisoned_masked_logits():
 # ----------------------------------------------------------------------------------------- jit and errors
 
 
-def test_jit_matches_eager_with_traced_coefficients():
+def test_jit_matches_eager_with_a_static_config():
+    """The config is a static (hashable) argument of a jitted loss; the denominators may be traced."""
     d = make_batch(seed=2)
+    config = grpo.LossConfig(kl_coef=0.1, entropy_coef=0.01)
 
-    @functools.partial(jax.jit, static_argnames="agg")
-    def f(lp, kl_coef, entropy_coef, num_tokens, agg):
-        return grpo.policy_loss(lp, d["old"], d["adv"], d["mask"], agg=agg, ref_logp=d["ref"], kl_coef=kl_coef,
-                                entropy=d["ent"], entropy_coef=entropy_coef, num_tokens=num_tokens)
+    @functools.partial(jax.jit, static_argnums=1)
+    def f(lp, config, num_tokens):
+        return grpo.policy_loss(lp, d["old"], d["adv"], d["mask"], config, ref_logp=d["ref"], entropy=d["ent"],
+                                num_tokens=num_tokens)
 
     n = int(d["mask"].sum())
-    loss, m = f(d["lp"], jnp.float32(0.1), jnp.float32(0.01), jnp.int32(n), "token-mean")
+    loss, m = f(d["lp"], config, jnp.int32(n))
     eager, m_eager = call(d, ref_logp=d["ref"], kl_coef=0.1, entropy=d["ent"], entropy_coef=0.01, num_tokens=n)
     np.testing.assert_allclose(float(loss), float(eager), rtol=1e-6)
     for k in m:
@@ -478,6 +490,7 @@ def test_jit_matches_eager_with_traced_coefficients():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(agg="token-sum"), "agg must be one of"),
+    (dict(agg="micro-batch-token-mean", loss_norm=512.0), "loss_norm is used by"),
     (dict(kl_estimator="k4", ref_logp=np.zeros((B, T))), "kl_estimator must be one of"),
     (dict(clip_low=1.0), "clip_low must be < 1"),
     (dict(clip_low=-0.1), "clip_low must be >= 0"),
@@ -493,17 +506,24 @@ def test_jit_matches_eager_with_traced_coefficients():
     (dict(entropy=np.zeros((B,))), "entropy must have shape"),
 ])
 def test_policy_loss_bad_arguments(kwargs, match):
+    """Each setting is checked once, where its `LossConfig` is built; the arrays where the loss is called."""
     d = make_batch()
     with pytest.raises(ValueError, match=match):
         call(d, **kwargs)
 
 
+def test_policy_loss_takes_a_loss_config():
+    d = make_batch()
+    with pytest.raises(TypeError, match="config must be a LossConfig"):
+        grpo.policy_loss(d["lp"], d["old"], d["adv"], d["mask"], {"agg": "token-mean"})
+
+
 def test_bad_shapes_and_temperature():
     d = make_batch()
     with pytest.raises(ValueError, match="advantages must have shape"):
-        grpo.policy_loss(d["lp"], d["old"], d["adv"][:-1], d["mask"])
+        policy_loss(d["lp"], d["old"], d["adv"][:-1], d["mask"])
     with pytest.raises(ValueError, match="old_logp must have shape"):
-        grpo.policy_loss(d["lp"], d["old"][:, :-1], d["adv"], d["mask"])
+        policy_loss(d["lp"], d["old"][:, :-1], d["adv"], d["mask"])
     with pytest.raises(ValueError, match="temperature must be > 0"):
         grpo.token_logprobs_and_entropy(np.zeros((1, 2, 3)), np.zeros((1, 2), int), np.ones((1, 2)), temperature=0.0)
     with pytest.raises(ValueError, match="logits must be"):

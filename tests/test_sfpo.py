@@ -373,8 +373,8 @@ def test_state_holds_exactly_one_parameter_copy_beyond_the_inner_state():
     base = tree_bytes(inner.init(params))
     with_sfpo = optax.chain(inner, sfpo(3, 0.8, entropy_window=30)).init(params)
     extra = tree_bytes(with_sfpo) - base
-    # count, cycle_length, num_batches, entropy_count, entropy_sum; active; the entropy window
-    scalars = 5 * 4 + 1 + 30 * 4
+    # count, cycle_length, num_batches, entropy_count, entropy_sum, num_minibatches; active; the entropy window
+    scalars = 6 * 4 + 1 + 30 * 4
     assert extra == tree_bytes(params) + scalars
     slow = with_sfpo[1].slow_params
     assert jax.tree.map(lambda x: (x.shape, x.dtype), slow) == jax.tree.map(lambda x: (x.shape, x.dtype), params)

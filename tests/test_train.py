@@ -13,11 +13,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
 from sfpo_jax.models import from_pretrained, load_tokenizer
+from sfpo_jax.optim import calls_per_batch, sfpo
 from sfpo_jax.parallel import logical_sharding, make_mesh
 from sfpo_jax.sampling import Sampler, SamplingConfig
 from sfpo_jax.tasks import ArithmeticTask
@@ -28,14 +30,16 @@ from sfpo_jax.train import (
     deterministic,
     learner,
     load_config,
+    make_learner,
     read_metrics,
-    step,
+    rollouts,
     train,
 )
 from sfpo_jax.train.config import ConfigError
 from sfpo_jax.train.evaluation import eval_sets_of, evaluate
-from sfpo_jax.train.loop import batch_indices, prompts_within
+from sfpo_jax.train.loop import prompts_within
 from sfpo_jax.train.policy import load_policy
+from sfpo_jax.train.rollouts import TrainingPrompts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,11 +54,15 @@ def overrides(policy_dir: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_batch_indices_cover_each_epoch_once_and_are_pure():
-    a = np.concatenate([batch_indices(10, 4, s, seed=3) for s in range(5)])  # 20 draws = 2 epochs
+def test_data_order_covers_each_epoch_once_and_is_a_function_of_the_cursor():
+    data = TrainingPrompts([[i] for i in range(10)], [str(i) for i in range(10)], seed=3)
+    a = np.concatenate([data.indices(4 * s, 4) for s in range(5)])  # 20 draws = 2 epochs
     assert sorted(a[:10]) == list(range(10)) and sorted(a[10:]) == list(range(10))
-    np.testing.assert_array_equal(batch_indices(10, 4, 3, seed=3), a[12:16])
-    assert not np.array_equal(batch_indices(10, 4, 0, seed=4), a[:4])
+    np.testing.assert_array_equal(data.indices(12, 4), a[12:16])
+    np.testing.assert_array_equal(data.indices(7, 6), a[7:13])  # any cursor, any count: a step may consume more
+    assert not np.array_equal(TrainingPrompts(data.ids, data.answers, seed=4).indices(0, 4), a[:4])
+    with pytest.raises(ValueError, match="3 prompts but 2 answers"):
+        TrainingPrompts([[1], [2], [3]], ["1", "2"], seed=0)
 
 
 def test_overlong_training_prompts_are_dropped():
@@ -99,7 +107,7 @@ def test_loop_samples_in_generation_batches_with_one_program(policy_dir, tmp_pat
             calls.append((len(prompts), kwargs.get("chunk_size")))
             return super().generate(prompts, *args, **kwargs)
 
-    monkeypatch.setattr(step, "Sampler", Recording)
+    monkeypatch.setattr(rollouts, "Sampler", Recording)
     cfg = load_config(None, [*overrides(policy_dir, tmp_path), "rollout.generation_batch_size=2", "run.steps=1",
                              "eval.every=0", "run.checkpoint_every=0"])
     rows = train(cfg).history
@@ -128,15 +136,21 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_killed_run_resumes_to_the_same_params_and_metrics(policy_dir, tmp_path):
+@pytest.mark.parametrize("filtering", [False, True], ids=["plain", "filter_groups"])
+def test_killed_run_resumes_to_the_same_params_and_metrics(policy_dir, tmp_path, filtering):
+    """SIGKILL right after step 2's checkpoint, then --resume: the same metrics and params as an uninterrupted run;
+    with group filtering, steps consume different numbers of prompts, so the checkpointed cursor is what keeps the
+    data order exact."""
     steps = 4
     cli = [str(ROOT / "experiments" / "train.py"), "--algo", "sfpo", "--steps", str(steps)]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     (tmp_path / "kill.py").write_text(KILL_AFTER_SAVE)
+    (tmp_path / "digits_task.py").write_text(DIGITS_TASK)
 
     def run(out, *extra, kill_after=None):
         cmd = [sys.executable, *([str(tmp_path / "kill.py")] if kill_after else []), *cli, "--out", str(out), *extra,
-               *overrides(policy_dir, out)[:-1]]
+               *overrides(policy_dir, out)[:-1], *(FILTERING if filtering else [])]
         return subprocess.run(cmd, env={**env, "KILL_AFTER_STEP": str(kill_after)}, capture_output=True, timeout=600)
 
     assert run(tmp_path / "full", "--export", str(tmp_path / "full" / "export")).returncode == 0
@@ -149,6 +163,9 @@ def test_killed_run_resumes_to_the_same_params_and_metrics(policy_dir, tmp_path)
     full, resumed = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "killed"))
     assert [deterministic(r) for r in resumed] == [deterministic(r) for r in full]
     assert len(full) == steps
+    if filtering:  # some step sampled more than one round, so the cursor is not steps x prompts_per_step
+        assert max(r["rollout/generation_rounds"] for r in full) > 1
+        assert full[-1]["rollouts"] == 4 * sum(r["rollout/prompts_sampled"] for r in full) > steps * 4 * 4
     a, b = (load_file(tmp_path / d / "export" / "model.safetensors") for d in ("full", "killed"))
     assert a.keys() == b.keys()
     for name in a:
@@ -222,6 +239,37 @@ def test_micro_batched_update_stays_data_parallel(policy_dir):
     update = learner.make_update_fn(graphdef, tx, cfg.loss, num_micro=4)
     hlo = update.lower(params, tx.init(params), batch).compile().as_text()
     assert "all-reduce" in hlo and "all-gather" not in hlo and "all-to-all" not in hlo
+
+
+def test_a_learner_refuses_an_optimizer_with_another_minibatch_count(policy_dir):
+    """M has one source: `sfpo(3, 0.8)` (M = 1) beside `rollout.num_minibatches=4` would silently give each batch 4
+    calls that reposition after the 3rd, not 16 calls in 4 epochs; building the learner names both values."""
+    model = from_pretrained(policy_dir, dtype=jnp.float32)
+    cfg = load_config(None, ["rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.num_minibatches=4"])
+    tx = optax.chain(optax.adamw(1e-3), sfpo(num_fast_steps=3, alpha=0.8))
+    with pytest.raises(ValueError, match=r"num_minibatches=1 but rollout.num_minibatches=4"):
+        make_learner(model, tx, cfg.rollout, cfg.loss)
+    learner_, state = make_learner(model, cfg.optimizer(), cfg.rollout, cfg.loss)  # the config's own optimizer
+    assert learner_.num_minibatches == 4 and calls_per_batch(state.opt_state) == 16
+
+
+def test_the_learner_reads_the_device_once_per_batch(policy_dir, monkeypatch):
+    """All (K+1)·M optimizer calls are queued before the host waits: one `device_get` for the step's metrics,
+    after the last call (none per call), with the metrics of every call."""
+    model = from_pretrained(policy_dir, dtype=jnp.float32)
+    cfg = load_config(None, ["rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.num_minibatches=2",
+                             "sfpo.num_fast_steps=3"])
+    learner_, state = make_learner(model, cfg.optimizer(), cfg.rollout, cfg.loss)
+    n, p, t = 8, 4, 4
+    rng = np.random.default_rng(0)
+    batch = learner.Batch(rng.integers(1, 10, (n, p + t)).astype(np.int32), np.ones((n, p + t), bool),
+                          np.ones((n, t), bool), np.full((n, t), -2.0, np.float32),
+                          rng.normal(size=n).astype(np.float32), np.zeros((n, 0), np.float32))
+    fetches, device_get = [], jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: fetches.append(x) or device_get(x))
+    state, metrics = learner_(state, batch)
+    assert len(fetches) == 1 and len(fetches[0][0]) == 8 == metrics["optimizer_calls"]
+    assert metrics["sfpo_active"] and np.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
 
 
 def test_a_batch_that_does_not_split_over_the_mesh_is_refused_before_sampling(policy_dir, tmp_path, monkeypatch):
@@ -387,7 +435,18 @@ class Digits(ArithmeticTask):
 
 def make(**kwargs):
     return Digits(**kwargs)
+
+class FirstDigit(ArithmeticTask):
+    # A 0 / 1 reward for which about a quarter of the groups of 4 have no signal with a random policy.
+    def reward(self, completions, answers):
+        return np.asarray([float(c[:1].isdigit()) for c in completions], np.float32)
+
+def make_first_digit(**kwargs):
+    return FirstDigit(**kwargs)
 """
+
+FILTERING = ["task.import_factory=digits_task:make_first_digit", "rollout.filter_groups=true",
+             "rollout.max_generation_rounds=3"]
 
 
 def free_port() -> int:
@@ -399,13 +458,14 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_match_one(policy_dir, tmp_path):
     """Two JAX processes (2 CPU devices each, gloo collectives, started as on a cluster from JAX_COORDINATOR_ADDRESS)
-    each sample and score their share of every step, checkpoint collectively and resume, and log exactly the
-    metrics of one uninterrupted process with 4 devices."""
+    each sample and score their share of every step, filter groups (the kept rows redistributed between them),
+    checkpoint collectively and resume, and log exactly the metrics of one uninterrupted process with 4 devices."""
     (tmp_path / "digits_task.py").write_text(DIGITS_TASK)
     cli = [sys.executable, str(ROOT / "experiments" / "train.py"), "--algo", "sfpo",
-           *overrides(policy_dir, tmp_path)[:-1], "task.import_factory=digits_task:make", "mesh.data=-1",
+           *overrides(policy_dir, tmp_path)[:-1], "mesh.data=-1",
            "eval.every=1",
-           "task.kwargs={num_train: 64, num_eval: 4}", "eval.num_samples=4", "rollout.recompute_old_logprobs=true"]
+           "task.kwargs={num_train: 64, num_eval: 4}", "eval.num_samples=4", "rollout.recompute_old_logprobs=true",
+           *FILTERING]
     # Every host's share of a sampler call is 8 rows (2 prompts x 4 samples), the sampler's batch padding, so the
     # global batches, and with them the random draws, are those of the one-process run.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
@@ -426,6 +486,8 @@ def test_two_processes_match_one(policy_dir, tmp_path):
     run(tmp_path / "two", 2, "--steps", "1")
     two = run(tmp_path / "two", 2, "--steps", "2", "--resume")
     assert [r["step"] for r in one] == [1, 2] and one[0]["reward/std"] > 0
+    # Groups were dropped and rounds resampled, so kept rows moved between the processes.
+    assert max(r["rollout/generation_rounds"] for r in one) > 1 and min(r["zero_variance_groups"] for r in one) > 0
     assert all("eval/arithmetic-n3-d1-+-*/accuracy" in r for r in one)  # every step: a 1-step run evaluates too
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()

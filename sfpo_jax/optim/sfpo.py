@@ -41,6 +41,8 @@ class SFPOState(NamedTuple):
         (``[0]`` when the switch is disabled or ``K = 0``).
       entropy_count: int32 scalar, entropies recorded so far (the ring buffer holds the last ``min(W, n)``).
       entropy_sum: float32 scalar, the sum of the entropies passed so far in the current cycle's last epoch.
+      num_minibatches: int32 scalar, M, the calls per epoch (a constant): what a learner checks its mini-batch
+        split against, so that M has one source (:func:`minibatches_per_epoch`).
     """
 
     count: jax.Array
@@ -51,6 +53,7 @@ class SFPOState(NamedTuple):
     entropy_history: jax.Array
     entropy_count: jax.Array
     entropy_sum: jax.Array
+    num_minibatches: jax.Array
 
 
 def _check_args(num_fast_steps, alpha, num_minibatches, entropy_window, entropy_threshold, slow_correction) -> None:
@@ -201,6 +204,7 @@ def sfpo(
             entropy_history=jnp.zeros([W], jnp.float32),
             entropy_count=jnp.zeros([], jnp.int32),
             entropy_sum=jnp.zeros([], jnp.float32),
+            num_minibatches=jnp.asarray(M, jnp.int32),
         )
 
     def update_fn(updates, state, params=None, *, entropy=None, **extra_args):
@@ -265,6 +269,7 @@ def sfpo(
             entropy_history=history,
             entropy_count=n,
             entropy_sum=h_sum.astype(jnp.float32),
+            num_minibatches=state.num_minibatches,
         )
         return new_updates, new_state
 
@@ -301,6 +306,15 @@ def calls_per_batch(opt_state: Any) -> int:
     """
     state = _find_state(opt_state)
     return int(state.cycle_length) - int(state.count)
+
+
+def minibatches_per_epoch(opt_state: Any) -> int:
+    """M, the optimizer calls per epoch over a batch (``sfpo(num_minibatches=M)``): a learner splits each batch
+    into this many mini-batches and gives call ``c`` mini-batch ``c % M``.
+
+    Same lookup and errors as :func:`calls_per_batch`; a host sync.
+    """
+    return int(_find_state(opt_state).num_minibatches)
 
 
 def sfpo_active(opt_state: Any) -> bool:

@@ -1,7 +1,8 @@
 """The GRPO objective: group advantages, token log-probs and entropy, the clipped surrogate, KL estimators.
 
 Every function here is pure and jittable; the string and float options are static Python values (validated
-when the function is traced, with a `ValueError` naming the argument and value). Per-token arrays are
+when the function is traced, with a `ValueError` naming the argument and value), and the objective's are one
+`LossConfig`, checked once when it is built. Per-token arrays are
 `[batch, time]` with a completion mask `mask` (nonzero = a real completion token). Computations run in float32
 whatever the input dtype (bf16 log-probs or logits are upcast once); float64 inputs stay float64 (used by the
 gradient checks).
@@ -51,10 +52,6 @@ def _float(x: Any) -> Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _is_zero(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and x == 0
-
-
 def _check_finite_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                          low_inclusive: bool = True, high_inclusive: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -88,6 +85,8 @@ class LossConfig:
       entropy_coef: weight of the entropy bonus (verl's default 0.001).
       kl_coef, kl_estimator: β and the estimator of the KL penalty to the reference policy (0: no KL).
       scale_adv_by_std: GRPO's std-normalised advantages (False: Dr. GRPO's mean-centred ones).
+      loss_norm: the constant C of ``seq-mean-token-sum-norm`` (None: T, the completion length); only with that
+        aggregation.
     """
 
     clip_low: float = 0.2
@@ -99,6 +98,7 @@ class LossConfig:
     kl_coef: float = 0.0
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     scale_adv_by_std: bool = True
+    loss_norm: float | None = None
 
     def __post_init__(self):
         _check_finite_number("clip_low", self.clip_low, low=0.0, high=1.0)
@@ -113,6 +113,10 @@ class LossConfig:
             raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         if not isinstance(self.scale_adv_by_std, bool):
             raise ValueError(f"scale_adv_by_std must be a bool, got {self.scale_adv_by_std!r}")
+        if self.agg != MICRO_BATCH_TOKEN_MEAN:
+            _check_agg(self.agg, self.loss_norm)
+        elif self.loss_norm is not None:
+            raise ValueError(f"loss_norm is used by agg='seq-mean-token-sum-norm' only, got it with agg={self.agg!r}")
 
 
 # ----------------------------------------------------------------------------------------------- advantages
@@ -332,19 +336,12 @@ def policy_loss(
     old_logp: Any,
     advantages: Any,
     mask: Any,
+    config: LossConfig,
     *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: float | None = None,
-    agg: str = "token-mean",
+    ref_logp: Any = None,
+    entropy: Any = None,
     num_tokens: Any = None,
     num_seqs: Any = None,
-    loss_norm: float | None = None,
-    ref_logp: Any = None,
-    kl_coef: Any = 0.0,
-    kl_estimator: str = "k3",
-    entropy: Any = None,
-    entropy_coef: Any = 0.0,
 ) -> tuple[Array, dict[str, Array]]:
     """The clipped GRPO/PPO surrogate with optional dual clip, KL penalty and entropy bonus.
 
@@ -354,7 +351,10 @@ def policy_loss(
     and the loss is
       L = agg(ℓ_pg) + kl_coef · agg(KL_est(logπ_θ, logπ_ref)) − entropy_coef · agg(entropy)
     with one aggregation `agg` (see `aggregate`) and one denominator for all three terms, so that micro-batch
-    losses given the full batch's `num_tokens` / `num_seqs` sum to the full-batch loss.
+    losses given the full batch's `num_tokens` / `num_seqs` sum to the full-batch loss. Every coefficient and
+    option comes from ``config`` (a `LossConfig`, checked when it was built); ``micro-batch-token-mean`` is the
+    token mean over the ``num_tokens`` that the caller passes (the learner passes each micro-batch's own count
+    times the number of micro-batches).
 
     Args:
       logp: `[B, T]` log-probs of the completion tokens under the current policy (differentiate w.r.t. this).
@@ -362,15 +362,13 @@ def policy_loss(
       advantages: `[B]` per completion (broadcast over its tokens) or `[B, T]` per token.
       mask: `[B, T]` bool or 0/1; nonzero marks real completion tokens. Masked positions of every per-token
         input may hold anything, inf and NaN included: they change neither the loss nor any gradient.
-      clip_low: ε_low in [0, 1).
-      clip_high: ε_high >= 0 (DAPO's clip-higher uses 0.28 with ε_low = 0.2).
-      dual_clip: None, or c > 1: for A < 0 the loss is capped at −A c (its gradient is 0 past ρ > c).
-      agg, num_tokens, num_seqs, loss_norm: the aggregation and its optional global denominators (`aggregate`).
-      ref_logp: optional `[B, T]` reference-policy log-probs; the KL metric is reported whenever given.
-      kl_coef: β, a Python or traced scalar; nonzero requires `ref_logp`.
-      kl_estimator: "k1", "k2" or "k3" (GRPO's; verl aliases "kl", "mse", "low_var_kl"), see `kl_estimate`.
-      entropy: optional `[B, T]` token entropies (from `token_logprobs_and_entropy`; gradients flow through).
-      entropy_coef: a Python or traced scalar; nonzero requires `entropy` (verl's default is 0.001).
+      config: the objective's settings (clips, aggregation, KL and entropy coefficients, KL estimator).
+      ref_logp: optional `[B, T]` reference-policy log-probs; the KL metric is reported whenever given, and
+        ``config.kl_coef > 0`` requires them.
+      entropy: optional `[B, T]` token entropies (from `token_logprobs_and_entropy`; gradients flow through);
+        ``config.entropy_coef != 0`` requires them.
+      num_tokens, num_seqs: optional global denominators of the aggregation (`aggregate`), e.g. a mini-batch's
+        when ``logp`` is one of its micro-batches.
 
     Returns:
       (loss, metrics): loss a float32 scalar; metrics a dict of float32 scalars, gradient-free, averaged over
@@ -387,8 +385,14 @@ def policy_loss(
         entropy: token-mean entropy (only when `entropy` is given);
         kl: agg of the KL estimate to the reference (only when `ref_logp` is given).
     """
-    _check_policy_loss_args(clip_low, clip_high, dual_clip, agg, loss_norm, kl_estimator, ref_logp, kl_coef, entropy,
-                             entropy_coef)
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a LossConfig, got {type(config).__name__}")
+    if ref_logp is None and config.kl_coef > 0:
+        raise ValueError(f"kl_coef={config.kl_coef!r} needs ref_logp, got ref_logp=None")
+    if entropy is None and config.entropy_coef != 0:
+        raise ValueError(f"entropy_coef={config.entropy_coef!r} needs entropy, got entropy=None")
+    c = config
+    agg = "token-mean" if c.agg == MICRO_BATCH_TOKEN_MEAN else c.agg
 
     m = jnp.asarray(mask).astype(bool)
     if m.ndim != 2:
@@ -407,52 +411,37 @@ def policy_loss(
     log_ratio = jnp.clip(jnp.where(m, logp - old_logp, 0.0), -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     ratio = jnp.exp(log_ratio)
     loss_unclipped = -adv * ratio
-    loss_clipped = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss_clipped = -adv * jnp.clip(ratio, 1.0 - c.clip_low, 1.0 + c.clip_high)
     pg = jnp.maximum(loss_unclipped, loss_clipped)
-    if dual_clip is not None:
-        dual_capped = jnp.minimum(pg, -adv * dual_clip)
-        dual_active = m & (adv < 0) & (pg > -adv * dual_clip)
+    if c.dual_clip is not None:
+        dual_capped = jnp.minimum(pg, -adv * c.dual_clip)
+        dual_active = m & (adv < 0) & (pg > -adv * c.dual_clip)
         pg = jnp.where(adv < 0, dual_capped, pg)
 
-    agg_kw = dict(agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_norm=loss_norm)
+    agg_kw = dict(agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_norm=c.loss_norm)
     pg_loss = aggregate(pg, m, **agg_kw)
     loss = pg_loss
     metrics: dict[str, Array] = {}
     if ref_logp is not None:
         ref_logp = _float(ref_logp)
         _check_shape("ref_logp", ref_logp, m.shape)
-        kl_tok = kl_estimate(jnp.where(m, logp, 0.0), jnp.where(m, ref_logp, 0.0), kl_estimator)
+        kl_tok = kl_estimate(jnp.where(m, logp, 0.0), jnp.where(m, ref_logp, 0.0), c.kl_estimator)
         kl = aggregate(kl_tok, m, **agg_kw)
-        if not _is_zero(kl_coef):
-            loss = loss + kl_coef * kl
+        if c.kl_coef:
+            loss = loss + c.kl_coef * kl
         metrics["kl"] = kl
     if entropy is not None:
         entropy = _float(entropy)
         _check_shape("entropy", entropy, m.shape)
         entropy = jnp.where(m, entropy, 0.0)
-        if not _is_zero(entropy_coef):
-            loss = loss - entropy_coef * aggregate(entropy, m, **agg_kw)
+        if c.entropy_coef:
+            loss = loss - c.entropy_coef * aggregate(entropy, m, **agg_kw)
         metrics["entropy"] = aggregate(entropy, m, "token-mean")
 
     metrics.update(loss=loss, pg_loss=pg_loss,
-                   **_ratio_diagnostics(m, adv, ratio, log_ratio, clip_low, clip_high,
-                                        dual_active if dual_clip is not None else None))
+                   **_ratio_diagnostics(m, adv, ratio, log_ratio, c.clip_low, c.clip_high,
+                                        dual_active if c.dual_clip is not None else None))
     return loss, jax.lax.stop_gradient(metrics)
-
-
-def _check_policy_loss_args(clip_low, clip_high, dual_clip, agg, loss_norm, kl_estimator, ref_logp, kl_coef, entropy,
-                            entropy_coef) -> None:
-    _check_finite_number("clip_low", clip_low, low=0.0, high=1.0)
-    _check_finite_number("clip_high", clip_high, low=0.0)
-    if dual_clip is not None:
-        _check_finite_number("dual_clip", dual_clip, low=1.0, low_inclusive=False)
-    _check_agg(agg, loss_norm)
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {kl_estimator!r}")
-    if ref_logp is None and not _is_zero(kl_coef):
-        raise ValueError(f"kl_coef={kl_coef!r} needs ref_logp, got ref_logp=None")
-    if entropy is None and not _is_zero(entropy_coef):
-        raise ValueError(f"entropy_coef={entropy_coef!r} needs entropy, got entropy=None")
 
 
 def _ratio_diagnostics(m: Array, adv: Array, ratio: Array, log_ratio: Array, clip_low: float, clip_high: float,

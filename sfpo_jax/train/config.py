@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -134,6 +135,22 @@ class RolloutConfig:
     # Prompts per sampler call on each process (None: the process's whole share at once). Smaller values bound
     # the sampler's KV cache and prefill memory without changing the step's batch; each chunk draws its own key.
     generation_batch_size: int | None = None
+    # DAPO's dynamic sampling (verl's algorithm.filter_groups): keep only the groups whose `filter_metric` is not
+    # the same for every completion (the others have advantage 0 everywhere) and sample further rounds of
+    # prompts_per_step prompts until prompts_per_step groups are kept or max_generation_rounds rounds have run
+    # (verl's max_num_gen_batches, 10). Then a short batch is padded with empty groups (`short_batch: pad`: no
+    # token, no weight in any denominator) or stops the run (`error`, as verl does). Surplus kept groups are
+    # dropped, as in verl, so that every trained row was sampled at θ_s.
+    filter_groups: bool = False
+    filter_metric: Literal["reward", "accuracy"] = "reward"
+    max_generation_rounds: int = 10
+    short_batch: Literal["pad", "error"] = "pad"
+    # Overlong completions: drop those that reached max_new_tokens from the loss (TRL's mask_truncated_completions),
+    # and / or DAPO's soft overlong punishment (eq. 13; verl's reward_model.overlong_buffer): a reward penalty
+    # growing linearly from 0 to overlong_penalty over the last overlong_buffer tokens (0: off).
+    mask_truncated: bool = False
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -149,6 +166,13 @@ class RolloutConfig:
         if self.prompts_per_step % self.num_minibatches:
             raise ValueError(f"num_minibatches={self.num_minibatches} must divide prompts_per_step="
                              f"{self.prompts_per_step}")
+        if self.max_generation_rounds < 1:
+            raise ValueError(f"max_generation_rounds={self.max_generation_rounds!r} must be >= 1")
+        if not 0 <= self.overlong_buffer < self.max_new_tokens:
+            raise ValueError(f"overlong_buffer={self.overlong_buffer!r} must be >= 0 and < max_new_tokens="
+                             f"{self.max_new_tokens} (0: no overlong penalty)")
+        if not (math.isfinite(self.overlong_penalty) and self.overlong_penalty >= 0):
+            raise ValueError(f"overlong_penalty={self.overlong_penalty!r} must be a finite number >= 0")
         self.sampling(eos_token_ids=())
 
     def sampling(self, eos_token_ids: tuple[int, ...]) -> SamplingConfig:

@@ -1,14 +1,21 @@
-"""The learner side of one RL step, as pure functions: the policy's token log-probs on a rollout batch (with
-gradients inside the loss, or as a jitted forward pass for old / reference log-probs), and one jitted optimizer
-call (a mini-batch accumulated over micro-batches), built from a :class:`sfpo_jax.rl.LossConfig` alone.
+"""The learner side of an RL step: ``state, metrics = learner(state, batch)``.
 
-Everything here is a function of arrays; :mod:`sfpo_jax.train.step` decides what to call when.
+A :class:`Learner` takes one learner :class:`Batch` (from the rollout side, :mod:`sfpo_jax.train.rollouts`) and
+the :class:`TrainState` at θ_s, optionally recomputes the old log-probs at θ_s and fills in the reference policy's
+log-probs, then makes ``calls_per_batch(opt_state)`` optimizer calls, call ``c`` on mini-batch ``c % M`` with
+``M = minibatches_per_epoch(opt_state)``: the transform is the one source of the schedule. Its pieces are pure
+functions of arrays: the policy's token log-probs on a batch (with gradients inside the loss, or as a jitted
+forward pass), and one jitted optimizer call (a mini-batch accumulated over micro-batches), built from a
+:class:`sfpo_jax.rl.LossConfig` alone. The host reads the step's metrics once, after the last call, so it can
+queue every call before the device has run the first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -17,7 +24,18 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sfpo_jax.optim import calls_per_batch, minibatches_per_epoch, sfpo_active
+from sfpo_jax.parallel import logical_sharding, num_shards, replicate_unplaced
 from sfpo_jax.rl import grpo
+from sfpo_jax.train.metrics import PhaseTimer
+
+
+class TrainState(NamedTuple):
+    """What a step changes: the policy's params (the master weights, an ``nnx.State``) and the optimizer state
+    (which holds SFPO's slow copy and cycle, and the non-finite counters of ``optax.apply_if_finite``)."""
+
+    params: nnx.State
+    opt_state: optax.OptState
 
 
 class Batch(NamedTuple):
@@ -80,12 +98,9 @@ def minibatch_loss(params, graphdef, batch: Batch, loss: grpo.LossConfig, num_to
     their gradients) add up to the mini-batch's (see :func:`sfpo_jax.rl.aggregate`)."""
     model = nnx.merge(graphdef, params)
     logp, entropy = completion_logprobs(model, batch.tokens, batch.attention_mask, batch.completion_mask)
-    agg = "token-mean" if loss.agg == grpo.MICRO_BATCH_TOKEN_MEAN else loss.agg
-    return grpo.policy_loss(
-        logp, batch.old_logp, batch.advantages, batch.completion_mask,
-        clip_low=loss.clip_low, clip_high=loss.clip_high, dual_clip=loss.dual_clip, agg=agg,
-        ref_logp=batch.ref_logp if loss.kl_coef > 0 else None, kl_coef=loss.kl_coef, kl_estimator=loss.kl_estimator,
-        entropy=entropy, entropy_coef=loss.entropy_coef, num_tokens=num_tokens, num_seqs=num_seqs)
+    return grpo.policy_loss(logp, batch.old_logp, batch.advantages, batch.completion_mask, loss,
+                            ref_logp=batch.ref_logp if loss.kl_coef > 0 else None, entropy=entropy,
+                            num_tokens=num_tokens, num_seqs=num_seqs)
 
 
 # Metrics of `grpo.policy_loss` that are already normalised by the whole mini-batch (they add up over its
@@ -125,7 +140,9 @@ def make_update_fn(graphdef, tx: optax.GradientTransformationExtraArgs, loss: gr
         check_batch(batch)
         micro = jax.tree.map(lambda x: to_micro_batches(x, num_micro), batch)
         micro_tokens = micro.completion_mask.sum(axis=(1, 2)).astype(jnp.float32)
-        num_seqs = jnp.asarray(batch.completion_mask.shape[0], jnp.float32)
+        # Rows with a completion token: every sampled row has one (its first token, or EOS); the empty groups that
+        # pad a short filtered batch and the completions masked as truncated have none, and weigh nothing.
+        num_seqs = jnp.maximum(jnp.sum(jnp.any(batch.completion_mask, axis=1)), 1).astype(jnp.float32)
         grad_fn = jax.value_and_grad(minibatch_loss, has_aux=True)
 
         def accumulate(grads, mb_and_tokens):
@@ -249,3 +266,150 @@ def make_batch(rollout, advantages: np.ndarray) -> Batch:
         advantages=np.asarray(advantages, np.float32),
         ref_logp=np.zeros((n, 0), np.float32),  # filled by the step when a KL term needs it
     )
+
+
+def batch_sharding(mesh, rows: int):
+    """The sharding of a learner batch's ``rows`` over the mesh's batch axes (None without a mesh); ValueError if
+    the rows do not split evenly over them."""
+    if mesh is None:
+        return None
+    sharding = logical_sharding(mesh, ("batch",))
+    if rows % (shards := num_shards(sharding)):
+        raise ValueError(
+            f"the learner batch of {rows} rows (rollout.prompts_per_step x group_size) does not split over the "
+            f"mesh's {shards} batch shards ({dict(mesh.shape)}): make the rows a multiple of {shards}, or use a "
+            f"mesh whose data x fsdp size divides {rows}")
+    return sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Learner:
+    """The learner side of an RL step, built by :func:`make_learner`; ``state, metrics = learner(state, batch)``.
+
+    Attributes:
+      update: the jitted optimizer call (:func:`make_update_fn`).
+      logprob_fn: the jitted forward pass for old / reference log-probs (:func:`make_logprob_fn`), or None when
+        neither is used.
+      ref_params: the frozen KL reference policy's params, or None without a KL term.
+      num_minibatches: M, read from the transform's state when the learner was built.
+      recompute_old_logprobs: take the ratio's denominator from the learner's forward at θ_s, not the sampler's.
+    """
+
+    update: Callable
+    logprob_fn: Callable | None
+    ref_params: nnx.State | None
+    num_minibatches: int
+    recompute_old_logprobs: bool
+
+    def __call__(self, state: TrainState, batch: Batch, *, timer: PhaseTimer | None = None
+                 ) -> tuple[TrainState, dict[str, Any]]:
+        """Learns on one batch: ``calls_per_batch(opt_state)`` optimizer calls over its M mini-batches.
+
+        Args:
+          state: the params θ_s (the batch's rollout policy) and optimizer state (donated: do not reuse them).
+          batch: the whole step's learner batch, ``[N, ...]`` global arrays (N divisible by M).
+          timer: adds the seconds of the phases ``logprobs`` and ``update`` (default: a fresh timer).
+
+        Returns:
+          ``(state, metrics)``: the state after the calls, and host floats: ``train/<name>`` (the mean over the
+          calls of :func:`make_update_fn`'s metrics; min / max for the ratio extremes), ``entropy`` (the mean over
+          the last epoch: what SFPO's switch records), ``sfpo_active`` and ``optimizer_calls`` (at the batch's
+          start), the non-finite counters, and ``logprobs/sampler_abs_diff`` when old log-probs are recomputed.
+        """
+        timer = timer if timer is not None else PhaseTimer()
+        params, opt_state = state
+        device_metrics = {}
+        if self.logprob_fn is not None:
+            with timer("logprobs"):
+                batch, device_metrics = self._extra_logprobs(params, batch)
+        with timer("update"):
+            active, num_calls = sfpo_active(opt_state), calls_per_batch(opt_state)
+            minibatches = split_minibatches(batch, self.num_minibatches)
+            calls = []
+            # The SFPO transform's cycle and the mini-batches are both counted from the batch's first call: a
+            # non-finite call still counts (see `Config.optimizer`), so call c is mini-batch c % M.
+            for call in range(num_calls):
+                params, opt_state, m = self.update(params, opt_state, minibatches[call % self.num_minibatches])
+                calls.append(m)
+            # One host sync for the whole step, after the last call: the host queues every call without waiting.
+            calls, device_metrics, nonfinite = jax.device_get((calls, device_metrics, _nonfinite_state(opt_state)))
+        in_a_row, total = (0, 0) if nonfinite is None else (int(nonfinite[0]), int(nonfinite[1]))
+        metrics = {"sfpo_active": active, "optimizer_calls": num_calls, "nonfinite_in_a_row": in_a_row,
+                   "nonfinite_total": total, **reduce_call_metrics(calls, self.num_minibatches),
+                   **{k: float(v) for k, v in device_metrics.items()}}
+        return TrainState(params, opt_state), metrics
+
+    def _extra_logprobs(self, params, batch: Batch) -> tuple[Batch, dict[str, jax.Array]]:
+        """The batch with its old log-probs recomputed at θ_s (``params``, not yet updated this step) and / or the
+        reference policy's log-probs filled in; the sampler-vs-learner gap as a device scalar."""
+        inputs, metrics = (batch.tokens, batch.attention_mask, batch.completion_mask), {}
+        if self.recompute_old_logprobs:
+            old_logp = self.logprob_fn(params, *inputs)
+            metrics["logprobs/sampler_abs_diff"] = masked_mean_abs_diff(old_logp, batch.old_logp,
+                                                                        batch.completion_mask)
+            batch = batch._replace(old_logp=old_logp)
+        if self.ref_params is not None:
+            batch = batch._replace(ref_logp=self.logprob_fn(self.ref_params, *inputs))
+        jax.block_until_ready(batch)  # so that the phase's time is the passes', not the next phase's
+        return batch, metrics
+
+
+def make_learner(model: nnx.Module, tx: optax.GradientTransformationExtraArgs, rollout, loss: grpo.LossConfig, *,
+                 mesh=None) -> tuple[Learner, TrainState]:
+    """The learner of an RL run and its initial state.
+
+    Args:
+      model: the policy (a :class:`sfpo_jax.models.CausalLM`, sharded over ``mesh`` if given); its params are the
+        initial state, and with ``loss.kl_coef > 0`` a frozen copy of them is the KL reference.
+      tx: the optimizer, an SFPO transform chained last (``Config.optimizer()``; ``sfpo(num_fast_steps=0)`` for
+        GRPO), whose ``num_minibatches`` must equal ``rollout.num_minibatches``.
+      rollout: a :class:`sfpo_jax.train.config.RolloutConfig` (the batch's rows, mini- and micro-batch sizes).
+      loss: the objective.
+      mesh: the device mesh (None: the default device).
+
+    Raises:
+      ValueError: when the transform's M differs from ``rollout.num_minibatches`` (each batch would silently get
+        another schedule than the one configured), or the batch does not split over the mesh or the micro-batches.
+    """
+    graphdef, params = nnx.split(model)
+    opt_state = tx.init(params)
+    M = minibatches_per_epoch(opt_state)
+    if M != rollout.num_minibatches:
+        raise ValueError(
+            f"the optimizer's SFPO transform has num_minibatches={M} but rollout.num_minibatches="
+            f"{rollout.num_minibatches}: build it with sfpo(..., num_minibatches={rollout.num_minibatches}) "
+            "(Config.optimizer() does), so that every epoch is one call per mini-batch")
+    rows = rollout.prompts_per_step * rollout.group_size
+    batch_sharding(mesh, rows)
+    # The KL reference is the initial policy, frozen: a copy, since the update donates (overwrites) `params`.
+    ref_params = jax.tree.map(jnp.copy, params) if loss.kl_coef > 0 else None
+    num_micro = micro_batches_per_minibatch(rows // M, rollout.micro_batch_size)
+    extra_logprobs = rollout.recompute_old_logprobs or ref_params is not None
+    learner = Learner(
+        update=make_update_fn(graphdef, tx, loss, num_micro),
+        logprob_fn=make_logprob_fn(graphdef, rollout.micro_batch_size) if extra_logprobs else None,
+        ref_params=ref_params,
+        num_minibatches=M,
+        recompute_old_logprobs=rollout.recompute_old_logprobs,
+    )
+    return learner, TrainState(params, opt_state if mesh is None else replicate_unplaced(opt_state, mesh))
+
+
+def _nonfinite_state(opt_state: optax.OptState) -> tuple[jax.Array, jax.Array] | None:
+    """``(in_a_row, total)`` device counts of optimizer calls skipped for non-finite gradients, from the
+    ``optax.apply_if_finite`` in ``opt_state`` (None without one)."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState))
+             if isinstance(s, optax.ApplyIfFiniteState)]
+    return (found[0].notfinite_count, found[0].total_notfinite) if found else None
+
+
+def reduce_call_metrics(calls: list[dict], num_minibatches: int) -> dict[str, float]:
+    """One row's learner metrics: ``train/<name>``, the mean over the batch's optimizer calls (min / max for the
+    ratio extremes); ``entropy``, the mean over the batch's last epoch, the value that SFPO's switch records."""
+    out = {}
+    for k in calls[0]:
+        values = np.asarray([c[k] for c in calls], np.float64)
+        reduce = {"ratio_min": np.min, "ratio_max": np.max}.get(k, np.mean)
+        out[f"train/{k}"] = float(reduce(values))
+    out["entropy"] = float(np.mean([c["entropy"] for c in calls[-num_minibatches:]]))
+    return out

@@ -1,9 +1,12 @@
-"""The RL loop, readable top to bottom: setup, the steps (:mod:`sfpo_jax.train.step`), evaluation, checkpoints.
+"""The RL loop, readable top to bottom: setup, then per step one batch from the rollout side
+(:mod:`sfpo_jax.train.rollouts`) and one call of the learner side (:mod:`sfpo_jax.train.learner`), evaluation,
+checkpoints.
 
-Determinism: the data order and every PRNG key are pure functions of ``(seed, step)``, and a checkpoint holds
-params and optimizer state (SFPO's cycle and slow copy, the non-finite counters included), so a run killed at any
-moment and resumed ends exactly where an uninterrupted run ends (same device count). The KL reference policy is
-the initial policy: it is loaded again from ``model.path`` on resume rather than checkpointed.
+Determinism: the data order is a pure function of ``(seed, cursor)`` and every PRNG key of ``(seed, step)``, and a
+checkpoint holds params and optimizer state (SFPO's cycle and slow copy, the non-finite counters included) with the
+rollout side's :class:`~sfpo_jax.train.rollouts.Position`, so a run killed at any moment and resumed ends exactly
+where an uninterrupted run ends (same device count). The KL reference policy is the initial policy: it is loaded
+again from ``model.path`` on resume rather than checkpointed.
 
 Multi-host (a TPU pod slice, a GPU cluster): every process runs this loop; each samples and scores its own share
 of every step's prompts (:mod:`sfpo_jax.parallel.multihost`), the learner sees one global batch, and process 0
@@ -17,18 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sfpo_jax.parallel import host_share, make_mesh
-from sfpo_jax.sampling import prompt_bucket
+from sfpo_jax.parallel import make_mesh
 from sfpo_jax.train.config import Config
 from sfpo_jax.train.evaluation import eval_sets_of, evaluate
+from sfpo_jax.train.learner import TrainState, make_learner
 from sfpo_jax.train.metrics import PhaseTimer
 from sfpo_jax.train.policy import load_policy, task_from_config
+from sfpo_jax.train.rollouts import Position, TrainingPrompts, make_rollouts
 from sfpo_jax.train.run_dir import RunDir
-from sfpo_jax.train.step import TrainState, make_rl_step
 
 
 class NonFiniteError(RuntimeError):
@@ -53,25 +55,29 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
     run = RunDir(cfg, resume=resume, is_main=is_main)  # refuses a folder it would overwrite, or a changed config
     mesh = mesh_from_config(cfg)
     model, tokenizer = load_policy(cfg, task, mesh=mesh)
-    rl_step, state = make_rl_step(model, tokenizer, task.reward, cfg.optimizer(), cfg.rollout, cfg.loss, mesh=mesh,
-                                  reward_metrics=getattr(task, "reward_metrics", None))
-    state, step0, timer_state = run.restore(state)  # then writes config.yaml
-    timer = PhaseTimer(("sample", "score", "logprobs", "update", "eval"))
-    timer.load(timer_state)
+    r, G, e = cfg.rollout, cfg.rollout.group_size, cfg.eval
 
     def encode(problems):
         return [tokenizer.encode(task.render(p), add_special_tokens=False) for p in problems]
 
-    r, G, e = cfg.rollout, cfg.rollout.group_size, cfg.eval
     problems = task.train_problems()
     problems, prompts = prompts_within(problems, encode(problems), r.max_prompt_length)  # tokenised once
+    rollouts = make_rollouts(model, tokenizer, task.reward, r, cfg.loss, mesh=mesh,
+                             reward_metrics=getattr(task, "reward_metrics", None),
+                             data=TrainingPrompts(prompts, [p.answer for p in problems], cfg.run.seed))
+    learner, state = make_learner(model, cfg.optimizer(), r, cfg.loss, mesh=mesh)
+    state, meta = run.restore(state)  # then writes config.yaml
+    step0 = meta["step"]
+    position = Position(*meta.get("rollout", (step0, step0 * r.prompts_per_step)))
+    timer = PhaseTimer(("sample", "score", "logprobs", "update", "eval"))
+    timer.load(meta["timer"])
     eval_sets = eval_sets_of(task, e.max_problems) if e.every or e.before_train else {}
     eval_chunk = min(r.prompts_per_step, (r.generation_batch_size or r.prompts_per_step) * jax.process_count())
     base_key = jax.random.key(cfg.run.seed)
 
     def evaluation(step: int) -> dict[str, float]:
         with timer("eval"):
-            return evaluate(rl_step.sampler, state.params, eval_sets, encode, task.reward, tokenizer,
+            return evaluate(rollouts.sampler, state.params, eval_sets, encode, task.reward, tokenizer,
                             e.sampling(r.max_new_tokens, (tokenizer.eos_token_id,)), eval_chunk,
                             eval_key(base_key, step))
 
@@ -80,12 +86,9 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
     bar = tqdm(range(step0, cfg.run.steps), initial=step0, total=cfg.run.steps, desc=cfg.algo,
                disable=not (cfg.run.progress and is_main), dynamic_ncols=True)
     for step in bar:
-        indices = batch_indices(len(problems), r.prompts_per_step, step, cfg.run.seed)
-        batch_prompts = [prompts[i] for i in indices]
-        state, metrics = rl_step(state, host_share(batch_prompts), host_share([problems[i].answer for i in indices]),
-                                 jax.random.fold_in(base_key, step),
-                                 prompt_length=prompt_bucket(max(map(len, batch_prompts))), timer=timer)
-        row = {"step": step + 1, "rollouts": (step + 1) * r.prompts_per_step * G, **metrics,
+        batch, rollout_metrics, position = rollouts.next(state.params, position, base_key, timer=timer)
+        state, metrics = learner(state, batch, timer=timer)
+        row = {"step": step + 1, "rollouts": position.cursor * G, **rollout_metrics, **metrics,
                "lr": cfg.optim.learning_rate}
         if metrics["nonfinite_in_a_row"] >= cfg.run.max_nonfinite_in_a_row:
             raise NonFiniteError(f"step {step + 1}: {metrics['nonfinite_in_a_row']} optimizer calls in a row had "
@@ -96,23 +99,11 @@ def train(cfg: Config, *, resume: bool = False, task=None) -> TrainResult:
         run.log(row | timer.totals())
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", sfpo=metrics["sfpo_active"], refresh=False)
         if cfg.run.checkpoint_every and ((step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == cfg.run.steps):
-            run.save(step + 1, state, timer.state())
+            run.save(step + 1, state, timer.state(), rollout=list(position))
     bar.close()
     run.close()
     nnx.update(model, state.params)
     return TrainResult(model=model, tokenizer=tokenizer, opt_state=state.opt_state, history=run.rows, out_dir=run.out)
-
-
-def batch_indices(num_problems: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """Problem indices of ``step``: consecutive slices of seeded per-epoch permutations, so the data order is a
-    pure function of ``(seed, step)``."""
-    out: list[int] = []
-    position = step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(position + len(out), num_problems)
-        perm = np.random.default_rng([seed, epoch]).permutation(num_problems)
-        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
-    return np.asarray(out)
 
 
 def eval_key(base_key: jax.Array, step: int) -> jax.Array:
@@ -140,4 +131,4 @@ def mesh_from_config(cfg: Config):
     return make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
 
 
-__all__ = ["NonFiniteError", "TrainResult", "TrainState", "batch_indices", "mesh_from_config", "train"]
+__all__ = ["NonFiniteError", "TrainResult", "TrainState", "mesh_from_config", "train"]

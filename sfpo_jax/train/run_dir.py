@@ -55,7 +55,7 @@ def config_changes(stored: Mapping[str, Any], current: Config) -> list[str]:
 class RunDir:
     """The output folder of one run (``cfg.run.out``); see the module docstring.
 
-    Use: ``run = RunDir(cfg, resume=...)``, ``state, step, timer_state = run.restore(initial_state)``, then
+    Use: ``run = RunDir(cfg, resume=...)``, ``state, meta = run.restore(initial_state)``, then
     :meth:`log` rows, :meth:`save` checkpoints and :meth:`close`.
     """
 
@@ -84,22 +84,25 @@ class RunDir:
                               "which would break exact resume (only "
                               f"{sorted(RESUMABLE_FIELDS)} may change); use a new --out")
 
-    def restore(self, state: Any) -> tuple[Any, int, dict[str, float]]:
-        """``(state, step, timer_state)`` to continue from: the newest readable checkpoint when resuming, else
-        ``(state, 0, {})``. Then opens ``metrics.jsonl`` (keeping the rows up to that step) and writes
+    def restore(self, state: Any) -> tuple[Any, dict[str, Any]]:
+        """``(state, meta)`` to continue from: the newest readable checkpoint when resuming, else
+        ``(state, {"step": 0, "timer": {}})``; ``meta`` also holds what :meth:`save` was given as ``extra`` (e.g.
+        the rollout side's position). Then opens ``metrics.jsonl`` (keeping the rows up to that step) and writes
         ``config.yaml``."""
-        step, timer_state = 0, {}
+        meta: dict[str, Any] = {"step": 0, "timer": {}}
+        step = 0
         if self.resume:
             steps = self.checkpointer.all_steps()
             for candidate in reversed(steps):
                 try:
                     state, meta = self.checkpointer.restore(candidate, target=state)
+                    meta = dict(meta)
                 except Exception as e:  # orbax / TensorStore errors name neither the step nor the file
                     warnings.warn(f"checkpoint step {candidate} in {self.checkpointer.directory} is unreadable "
                                   f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); trying an older one",
                                   stacklevel=2)
                     continue
-                step, timer_state = meta["step"], meta["timer"]
+                step = meta["step"]
                 if candidate != steps[-1]:
                     newer = [s for s in steps if s > candidate]
                     for s in newer:  # unreadable; later saves must come after the step resumed from
@@ -116,7 +119,7 @@ class RunDir:
                                     resume_step=self.resume_step)
         if self.is_main:
             save_config(self.cfg, self.out / "config.yaml")
-        return state, step, timer_state
+        return state, meta
 
     def log(self, row: Mapping[str, Any]) -> None:
         self.logger.log(row)
@@ -125,9 +128,11 @@ class RunDir:
     def rows(self) -> list[dict[str, Any]]:
         return self.logger.rows
 
-    def save(self, step: int, state: Any, timer_state: Mapping[str, float]) -> None:
-        """Checkpoints ``state`` as ``step`` (with the phase timer's totals and the config)."""
-        self.checkpointer.save(step, state, {"step": step, "timer": dict(timer_state), "config": to_dict(self.cfg)})
+    def save(self, step: int, state: Any, timer_state: Mapping[str, float], **extra: Any) -> None:
+        """Checkpoints ``state`` as ``step`` (with the phase timer's totals, the config and the JSON-serialisable
+        ``extra`` entries, returned in :meth:`restore`'s ``meta``)."""
+        self.checkpointer.save(step, state, {"step": step, "timer": dict(timer_state), "config": to_dict(self.cfg),
+                                             **extra})
 
     def close(self) -> None:
         self.checkpointer.close()
