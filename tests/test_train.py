@@ -125,8 +125,8 @@ from sfpo_jax.train import run_dir
 
 save = run_dir.RunDir.save
 
-def save_then_die(self, step, *args):  # a kill at a fixed point: right after step KILL's checkpoint is committed
-    save(self, step, *args)
+def save_then_die(self, step, *args, **kwargs):  # a kill at a fixed point: right after step KILL's checkpoint
+    save(self, step, *args, **kwargs)
     if step == int(os.environ["KILL_AFTER_STEP"]):
         os.kill(os.getpid(), signal.SIGKILL)
 
