@@ -152,7 +152,8 @@ def test_resume_skips_a_corrupt_latest_checkpoint_and_a_half_written_one(policy_
 # ------------------------------------------------------------------------------------------------- metrics
 
 
-def test_every_logged_learner_metric_is_invariant_to_the_micro_batch_split(policy_dir):
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_every_logged_learner_metric_is_invariant_to_the_micro_batch_split(policy_dir, agg):
     model = from_pretrained(policy_dir, dtype=jnp.float32)
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(0)
@@ -164,7 +165,8 @@ def test_every_logged_learner_metric_is_invariant_to_the_micro_batch_split(polic
                           np.where(completion, rng.normal(-2.0, 0.3, (n, t)), 0).astype(np.float32),
                           rng.normal(size=n).astype(np.float32),
                           np.where(completion, rng.normal(-2.0, 0.3, (n, t)), 0).astype(np.float32))
-    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.num_minibatches=1", "loss.kl_coef=0.1"])
+    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.num_minibatches=1", "loss.kl_coef=0.1",
+                             f"loss.agg={agg}"])
     tx = cfg.optimizer()
     out = {}
     for num_micro in (1, 2, 4):
