@@ -27,7 +27,7 @@ from sfpo_jax.optim import calls_per_batch, sfpo_active
 from sfpo_jax.parallel import all_hosts, logical_sharding, num_shards, replicate_unplaced, to_global
 from sfpo_jax.rl import LossConfig, group_advantages
 from sfpo_jax.sampling import Sampler, SamplingConfig
-from sfpo_jax.train import learner
+from sfpo_jax.train import checks, learner
 from sfpo_jax.train.metrics import PhaseTimer
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -100,8 +100,8 @@ class RLStep:
             rollout = self.sampler.generate(prompts, self.sampling, key, params=params, prompt_length=prompt_length,
                                             chunk_size=self.generation_batch_size)
         with timer("score"):
-            rewards = np.asarray(self.reward_fn(rollout.texts(self.tokenizer), [a for a in answers for _ in range(G)]),
-                                 np.float32)
+            rewards = checks.checked_rewards(self.reward_fn, rollout.texts(self.tokenizer),
+                                             [a for a in answers for _ in range(G)])
             advantages = np.asarray(group_advantages(rewards, G, scale_by_std=self.loss.scale_adv_by_std))
             batch = jax.tree.map(lambda x: to_global(x, self.batch_sharding), learner.make_batch(rollout, advantages))
             rewards, lengths, finish = (all_hosts(x) for x in (rewards, rollout.lengths, rollout.finish_reason))
