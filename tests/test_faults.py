@@ -358,6 +358,8 @@ def test_user_errors_are_one_line_and_exit_2_with_the_traceback_on_request(tmp_p
         assert err.startswith(line) and err.count("\n") == 1 and "SFPO_TRACEBACK=1" in err
     assert run_main(failing(Preempted(signal.SIGINT, 2, tmp_path))) == 128 + signal.SIGINT
     assert "stopped by SIGINT after step 2" in capsys.readouterr().err
+    assert run_main(failing(KeyboardInterrupt())) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.startswith("interrupted: the current step was not saved")
     with pytest.raises(RuntimeError):  # not the user's to fix: the traceback
         run_main(failing(RuntimeError("a bug")))
     monkeypatch.setenv("SFPO_TRACEBACK", "1")

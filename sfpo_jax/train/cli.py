@@ -1,6 +1,7 @@
 """How the command-line scripts (``experiments/train.py`` and its siblings) end on an error the user can fix: one
 line on stderr and exit status 2, the traceback only on request (``SFPO_TRACEBACK=1``); and on a requested stop
-(:class:`~sfpo_jax.train.preemption.Preempted`), its message and the signal's conventional status 128 + signum.
+(:class:`~sfpo_jax.train.preemption.Preempted`), its message and the signal's conventional status 128 + signum;
+on an immediate Ctrl-C (pressed twice), one line and 130.
 
 Errors of the library's own checks (a bad config, a run folder that cannot be resumed, a reward function's output,
 a setup check, a missing file, a full disk) are the user's to fix, and their message says how: a traceback
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -46,6 +48,10 @@ def run_main(main: Callable[[], int]) -> int:
     except Preempted as e:
         print(str(e), file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C pressed twice, or before the loop had the handlers
+        print("interrupted: the current step was not saved (--resume continues from the last checkpoint)",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     except USER_ERRORS as e:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise

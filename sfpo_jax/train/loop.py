@@ -113,7 +113,7 @@ def _train(cfg: Config, task, run: RunDir, stop: StopFlag) -> TrainResult:
         if signum or (cfg.run.checkpoint_every and ((step + 1) % cfg.run.checkpoint_every == 0
                                                    or step + 1 == cfg.run.steps)):
             run.save(step + 1, state, timer.state())
-        if signum:
+        if signum and step + 1 < cfg.run.steps:
             raise Preempted(signum, step + 1, run.out)
     bar.close()
     nnx.update(model, state.params)
