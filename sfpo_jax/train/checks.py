@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+
+from sfpo_jax.parallel import all_hosts
 
 __all__ = ["RewardError", "check_prompts_fit", "checked_rewards", "prompts_within", "sets_within"]
 
@@ -24,24 +27,36 @@ def _name(fn: Callable) -> str:
 def checked_rewards(reward_fn: Callable, completions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
     """``reward_fn(completions, answers)`` as ``[N] float32``, N = ``len(completions)``; RewardError naming the
     function and the offending rows when it returns another shape or a non-finite value (a NaN reward would
-    otherwise make its mini-batch's update non-finite, skipped in silence)."""
-    n = len(completions)
-    raw = reward_fn(completions, answers)
+    otherwise make its mini-batch's update non-finite, skipped in silence).
+
+    On several processes every process calls it on its own share, and all of them raise when one does (one tiny
+    all-gather), so that none is left waiting for the others in the step's next collective."""
+    rewards, problem = _rewards_or_problem(reward_fn, reward_fn(completions, answers), len(completions))
+    if jax.process_count() > 1:
+        failed = np.flatnonzero(all_hosts(np.asarray([problem is not None], np.int32)))
+        if problem is None and failed.size:
+            problem = f"the reward function {_name(reward_fn)} failed on process {failed[0]} (its error says how)"
+    if problem is not None:
+        raise RewardError(problem)
+    return rewards
+
+
+def _rewards_or_problem(reward_fn: Callable, raw: Any, n: int) -> tuple[np.ndarray | None, str | None]:
     try:
         rewards = np.asarray(raw, np.float32)
     except (TypeError, ValueError) as e:
-        raise RewardError(f"the reward function {_name(reward_fn)} returned {type(raw).__name__} that is not an "
-                          f"array of numbers ({e})") from None
+        return None, (f"the reward function {_name(reward_fn)} returned {type(raw).__name__} that is not an array of "
+                      f"numbers ({e})")
     if rewards.shape != (n,):
-        raise RewardError(f"the reward function {_name(reward_fn)} returned shape {rewards.shape} for {n} "
-                          f"completions; it must return one reward per completion, shape ({n},)")
+        return None, (f"the reward function {_name(reward_fn)} returned shape {rewards.shape} for {n} completions; "
+                      f"it must return one reward per completion, shape ({n},)")
     bad = np.flatnonzero(~np.isfinite(rewards))
     if bad.size:
         shown = ", ".join(f"{i}: {rewards[i]}" for i in bad[:8]) + (", ..." if bad.size > 8 else "")
-        raise RewardError(f"the reward function {_name(reward_fn)} returned {bad.size} non-finite reward(s) of {n} "
-                          f"(row: value {shown}; row i is completion i % group_size of prompt i // group_size); "
-                          "a reward must be a finite number")
-    return rewards
+        return None, (f"the reward function {_name(reward_fn)} returned {bad.size} non-finite reward(s) of {n} "
+                      f"(row: value {shown}; row i is completion i % group_size of prompt i // group_size); "
+                      "a reward must be a finite number")
+    return rewards, None
 
 
 def prompts_within(items: Sequence[Any], prompts: Sequence[Sequence[int]], max_prompt_length: int
