@@ -9,6 +9,10 @@
 Writes ``OUT/metrics.jsonl``, ``OUT/config.yaml`` and ``OUT/checkpoints/``; ``--export DIR`` also writes the
 final policy as a Hugging Face checkpoint folder. On a TPU pod or GPU cluster, run the same command on every
 host: JAX's distributed runtime is initialised from the environment.
+
+SIGTERM (a preemption) or Ctrl-C saves a checkpoint at the end of the current step and exits (143 / 130);
+``--resume`` continues exactly. An error you can fix (config, run folder, reward, setup, disk) prints one line
+and exits 2; ``SFPO_TRACEBACK=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sfpo_jax.train.config import ConfigError, load_config
+from sfpo_jax.train.config import load_config
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -39,14 +43,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv=None) -> int:
     args, overrides = parse_args(argv)
-    try:
-        cfg = load_config(args.config, overrides)
-        if args.algo and args.out is None and not any(o.startswith("run.out=") for o in overrides):
-            # One config file serves both algorithms: each gets its own folder, `<run.out>-<algo>`.
-            cfg = load_config(args.config, [*overrides, f"run.out={cfg.run.out}-{args.algo}"])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
+    if args.algo and args.out is None and not any(o.startswith("run.out=") for o in overrides):
+        # One config file serves both algorithms: each gets its own folder, `<run.out>-<algo>`.
+        cfg = load_config(args.config, [*overrides, f"run.out={cfg.run.out}-{args.algo}"])
     from sfpo_jax.parallel import initialize_distributed
     from sfpo_jax.train import train
 
@@ -62,6 +62,9 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     from sfpo_jax.host import configure_malloc
+    from sfpo_jax.train.cli import run_main
 
     configure_malloc()  # malloc keeps freed memory (SFPO_RETAIN_MEMORY=0: off); SFPO_HUGE_PAGES=1: huge pages
-    sys.exit(main())
+    # A user-fixable error: one line and exit 2 (SFPO_TRACEBACK=1: the traceback); SIGTERM / Ctrl-C: a checkpoint
+    # at the end of the step, then exit 128 + signal.
+    sys.exit(run_main(main))

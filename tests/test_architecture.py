@@ -77,8 +77,9 @@ def test_no_function_is_longer_than_a_screen(path):
 
 def test_the_training_loop_reads_on_one_screen():
     source = (PACKAGE / "train" / "loop.py").read_text()
-    (train,) = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name == "train"]
-    assert code_lines(source, train) <= MAX_TRAIN_LINES
+    # `train` holds the run folder and the signal handlers open around `_train`, the loop itself.
+    loops = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.FunctionDef) and n.name in ("train", "_train")]
+    assert len(loops) == 2 and all(code_lines(source, n) <= MAX_TRAIN_LINES for n in loops)
 
 
 def test_subpackages_are_reachable_from_the_top_level_import_lazily():

@@ -63,7 +63,16 @@ def test_yaml_and_overrides_round_trip(tmp_path):
         ("rollout.top_p=1.5", "rollout.top_p=1.5 must be in (0, 1]"),
         ("eval.top_p=0", "eval.top_p=0.0 must be in (0, 1]"),
         ("loss.clip_low=1.5", "loss.clip_low must be < 1.0, got 1.5"),
-        ("optim.learning_rate=0", "optim.learning_rate must be > 0"),
+        ("optim.learning_rate=0", "optim.learning_rate must be a finite number > 0, got 0.0"),
+        ("optim.learning_rate=.inf", "optim.learning_rate must be a finite number > 0, got inf"),
+        ("optim.weight_decay=.nan", "optim.weight_decay must be a finite number >= 0, got nan"),
+        ("optim.b1=-1", "optim.b1 must be a finite number in [0, 1), got -1.0"),
+        ("optim.b2=1.5", "optim.b2 must be a finite number in [0, 1), got 1.5"),
+        ("optim.max_grad_norm=.inf", "optim.max_grad_norm must be a finite number > 0, got inf"),
+        ("run.seed=-5", "run.seed=-5 must be in [0, 2**63)"),
+        ("rollout.group_sise=4", "rollout.group_sise: did you mean rollout.group_size?"),
+        ("rolout.group_size=4", "rolout: did you mean rollout?"),
+        ("rollout=8", "rollout must be a mapping (a section), got 8"),
         ("sfpo.alpah=0.5", "unknown field(s) ['alpah'] in section 'sfpo'"),
         ("rollout.group_size=eight", "rollout.group_size: 'eight' (expected an integer)"),
         ("rollout.group_size=true", "rollout.group_size: True (expected an integer)"),
@@ -80,6 +89,16 @@ def test_errors_name_field_and_value(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_duplicate_yaml_keys_are_refused_naming_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("rollout:\n  group_size: 4\noptim: {learning_rate: 1.0e-3}\nrollout:\n  prompts_per_step: 8\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: duplicate key 'rollout' on lines 1 and 4"):
+        load_config(path)
+    path.write_text("rollout: {group_size: 4, group_size: 8}\n")  # nested, on one line
+    with pytest.raises(ConfigError, match="duplicate key 'group_size' on lines 1 and 1"):
+        load_config(path)
 
 
 def test_missing_file_is_named(tmp_path):

@@ -4,8 +4,16 @@ run would overwrite; and metrics that do not depend on how a mini-batch is split
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,11 +22,24 @@ import optax
 import pytest
 from flax import nnx
 
-from sfpo_jax.models import from_pretrained
+from sfpo_jax.models import ModelConfig, from_pretrained
 from sfpo_jax.optim import SFPOState, calls_per_batch
 from sfpo_jax.tasks import ArithmeticTask
-from sfpo_jax.train import ResumeError, deterministic, learner, load_config, train
-from tests.test_train import overrides
+from sfpo_jax.train import (
+    Checkpointer,
+    Preempted,
+    ResumeError,
+    RunDir,
+    deterministic,
+    learner,
+    load_config,
+    read_metrics,
+    train,
+)
+from sfpo_jax.train.checks import RewardError, check_prompts_fit, checked_rewards, sets_within
+from sfpo_jax.train.cli import run_main
+from sfpo_jax.train.preemption import on_signals
+from tests.test_train import ROOT, overrides
 
 
 def sfpo_state(opt_state) -> SFPOState:
@@ -55,31 +76,62 @@ def test_a_skipped_call_keeps_the_sfpo_cycle_in_step():
     np.testing.assert_array_equal(sfpo_state(state).slow_params["w"], params["w"])
 
 
-class PoisonedGroup(ArithmeticTask):
-    """Arithmetic whose last prompt's rewards are NaN at the ``bad``-th scoring call: one mini-batch non-finite."""
+def poison_advantages(monkeypatch, rows, at) -> None:
+    """The learner batch of every scoring call ``c`` (counted from 1) with ``at(c)`` gets NaN advantages in ``rows``:
+    non-finite updates from inside the step (a non-finite *reward* is refused before it gets there)."""
+    make_batch, calls = learner.make_batch, [0]
 
-    def __init__(self, bad: int, **kwargs):
-        super().__init__(**kwargs)
-        self.bad, self.calls = bad, 0
+    def poisoned(rollout, advantages):
+        calls[0] += 1
+        if at(calls[0]):
+            advantages = np.array(advantages)
+            advantages[rows] = np.nan
+        return make_batch(rollout, advantages)
 
-    def reward(self, completions, answers):
-        self.calls += 1
-        r = np.array(super().reward(completions, answers), np.float32)
-        if self.calls == self.bad:
-            r[-4:] = np.nan  # the last group (group_size=4) sits in the last of the 2 mini-batches
-        return r
+    monkeypatch.setattr(learner, "make_batch", poisoned)
 
 
-def test_a_poisoned_minibatch_keeps_every_batch_whole(policy_dir, tmp_path):
+def test_a_poisoned_minibatch_keeps_every_batch_whole(policy_dir, tmp_path, monkeypatch):
     cfg = load_config(None, [*overrides(policy_dir, tmp_path), "run.steps=3", "eval.every=0",
                              "run.checkpoint_every=0", "run.max_nonfinite_in_a_row=2"])
-    result = train(cfg, task=PoisonedGroup(bad=2, num_train=64, num_eval=4))
+    # At step 2 the last group (group_size=4), which sits in the last of the 2 mini-batches.
+    poison_advantages(monkeypatch, slice(-4, None), at=lambda call: call == 2)
+    result = train(cfg, task=ArithmeticTask(num_train=64, num_eval=4))
     rows = result.history
     assert [r["optimizer_calls"] for r in rows] == [6, 6, 6]  # (K=2 + 1) x M=2 for every batch
     assert [r["nonfinite_total"] for r in rows] == [0, 3, 3]  # mini-batch 1 of each of the 3 epochs of step 2
     assert all(r["sfpo_active"] for r in rows)
     assert int(sfpo_state(result.opt_state).count) == 0
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(nnx.state(result.model, nnx.Param)))
+
+
+class NaNReward(ArithmeticTask):
+    """Arithmetic whose reward is NaN for two completions of every batch."""
+
+    def reward(self, completions, answers):
+        r = np.array(super().reward(completions, answers), np.float32)
+        r[[3, 5]] = np.nan
+        return r
+
+
+def test_a_non_finite_reward_stops_the_run_naming_the_reward_and_rows(policy_dir, tmp_path):
+    cfg = load_config(None, [*overrides(policy_dir, tmp_path), "run.steps=2", "eval.every=0"])
+    with pytest.raises(RewardError, match=r"NaNReward\.reward returned 2 non-finite reward\(s\) of 16 \(row: value "
+                                          r"3: nan, 5: nan"):
+        train(cfg, task=NaNReward(num_train=64, num_eval=4))
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("returned", [136, 120])
+def test_a_reward_of_the_wrong_shape_is_refused_naming_the_function(returned):
+    def reward(completions, answers):
+        return np.zeros(returned)
+
+    with pytest.raises(RewardError, match=rf"reward function .*reward returned shape \({returned},\) for 128 "
+                                          r"completions; it must return one reward per completion, shape \(128,\)"):
+        checked_rewards(reward, ["x"] * 128, ["1"] * 128)
+    with pytest.raises(RewardError, match="is not an array of numbers"):
+        checked_rewards(lambda c, a: ["good"] * len(c), ["x"] * 2, ["1"] * 2)
 
 
 # ------------------------------------------------------------------------------------------ entropy switch
@@ -152,7 +204,8 @@ def test_resume_skips_a_corrupt_latest_checkpoint_and_a_half_written_one(policy_
 # ------------------------------------------------------------------------------------------------- metrics
 
 
-def test_every_logged_learner_metric_is_invariant_to_the_micro_batch_split(policy_dir):
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_every_logged_learner_metric_is_invariant_to_the_micro_batch_split(policy_dir, agg):
     model = from_pretrained(policy_dir, dtype=jnp.float32)
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(0)
@@ -164,7 +217,8 @@ def test_every_logged_learner_metric_is_invariant_to_the_micro_batch_split(polic
                           np.where(completion, rng.normal(-2.0, 0.3, (n, t)), 0).astype(np.float32),
                           rng.normal(size=n).astype(np.float32),
                           np.where(completion, rng.normal(-2.0, 0.3, (n, t)), 0).astype(np.float32))
-    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.num_minibatches=1", "loss.kl_coef=0.1"])
+    cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.num_minibatches=1", "loss.kl_coef=0.1",
+                             f"loss.agg={agg}"])
     tx = cfg.optimizer()
     out = {}
     for num_micro in (1, 2, 4):
@@ -189,3 +243,189 @@ def test_the_reward_functions_own_counts_are_logged(policy_dir, tmp_path):
     cfg = load_config(None, [*overrides(policy_dir, tmp_path), "run.steps=1", "eval.every=0", "run.checkpoint_every=0"])
     (row,) = train(cfg, task=SlowGrading(num_train=64, num_eval=4)).history
     assert row["reward/timed_out"] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_at_once_naming_the_holder(tmp_path):
+    cfg = load_config(None, [f"run.out={tmp_path}"])
+    with RunDir(cfg, resume=False):
+        # A save of the first run in flight: the second must not open (and clean) the checkpoints.
+        (tmp_path / "checkpoints" / "1.orbax-checkpoint-tmp").mkdir(parents=True)
+        holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        for resume in (False, True):
+            with pytest.raises(ResumeError, match=f"is in use by another run \\({holder}\\)"):
+                RunDir(cfg, resume=resume)
+        assert (tmp_path / "checkpoints" / "1.orbax-checkpoint-tmp").exists()
+    RunDir(cfg, resume=True).close()  # released with the first run
+
+
+def test_a_folder_without_checkpoint_or_metric_rows_counts_as_fresh(tmp_path):
+    """What a run that failed before its first step leaves: config.yaml and an empty metrics.jsonl."""
+    load_config(None, [f"run.out={tmp_path}"])
+    (tmp_path / "config.yaml").write_text("algo: grpo\n")
+    (tmp_path / "metrics.jsonl").write_text("")
+    fixed = load_config(None, [f"run.out={tmp_path}", "sfpo.alpha=0.5"])
+    for resume in (False, True):  # neither a fresh run nor a resume with the fixed config is refused
+        RunDir(fixed, resume=resume).close()
+
+
+def test_resuming_metrics_without_a_checkpoint_keeps_the_rows_and_says_so(tmp_path):
+    cfg = load_config(None, [f"run.out={tmp_path}"])
+    rows = '{"step": 1, "reward/mean": 0.5}\n{"step": 2, "reward/mean": 0.6}\n'
+    (tmp_path / "metrics.jsonl").write_text(rows)
+    with pytest.raises(ResumeError, match="already holds a run"):
+        RunDir(cfg, resume=False)
+    with pytest.warns(UserWarning, match=r"2 metric rows but no checkpoint.*step 0.*metrics\.jsonl\.no-checkpoint"):
+        run = RunDir(cfg, resume=True)
+    run.close()
+    assert (tmp_path / "metrics.jsonl.no-checkpoint").read_text() == rows
+
+
+def test_a_checkpoint_that_cannot_fit_the_disk_fails_before_writing(tmp_path, monkeypatch):
+    state = {"w": jnp.ones(1000)}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, state, {"step": 1})
+        usage = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+        with pytest.raises(OSError, match=r"No space left on device: a checkpoint needs about 1\.0 MiB") as err:
+            ckpt.save(2, state, {"step": 2})
+        assert err.value.errno == errno.ENOSPC
+        assert ckpt.all_steps() == [1] and sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+
+def test_the_first_signal_sets_the_flag_and_the_second_stops_at_once():
+    with on_signals() as flag:
+        assert flag.agreed() is None
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt, the flag
+        assert flag.agreed() == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # pressed again: the default behaviour
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert "SIGTERM after step 3" in str(Preempted(signal.SIGTERM, 3, Path("runs/x")))
+
+
+def test_sigterm_saves_at_the_step_boundary_and_resume_is_exact(policy_dir, tmp_path):
+    """A real SIGTERM once the first step's metrics row is written, with no checkpoint due for 100 steps."""
+    steps = 4
+    cli = [sys.executable, str(ROOT / "experiments" / "train.py"), "--algo", "sfpo"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+    def command(out, *extra):
+        return [*cli, "--out", str(out), *overrides(policy_dir, out)[:-1], "eval.every=0", "run.checkpoint_every=100",
+                *extra]
+
+    full = subprocess.run(command(tmp_path / "full", f"run.steps={steps}"), env=env, capture_output=True, timeout=600)
+    assert full.returncode == 0, full.stderr.decode()[-2000:]
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(command(stopped, "run.steps=100"), env=env, stderr=subprocess.PIPE)
+    while not ((stopped / "metrics.jsonl").exists() and (stopped / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr.decode()[-2000:]
+    (at,) = Checkpointer(stopped / "checkpoints").all_steps()
+    assert f"stopped by SIGTERM after step {at}: checkpoint saved in {stopped}" in stderr.decode()
+    assert at < steps and [r["step"] for r in read_metrics(stopped / "metrics.jsonl")] == list(range(1, at + 1))
+    resumed = subprocess.run(command(stopped, f"run.steps={steps}", "--resume"), env=env, capture_output=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    a, b = (read_metrics(tmp_path / d / "metrics.jsonl") for d in ("full", "stopped"))
+    assert len(a) == steps and [deterministic(r) for r in b] == [deterministic(r) for r in a]
+
+
+# ----------------------------------------------------------------------------------- errors the user can fix
+
+
+def test_user_errors_are_one_line_and_exit_2_with_the_traceback_on_request(tmp_path, monkeypatch, capsys):
+    def failing(e):
+        def main():
+            raise e
+        return main
+
+    disk = OSError(errno.ENOSPC, "No space left on device: a checkpoint needs about 3.0 MiB", "/runs/x")
+    for e, line in ((ResumeError("cannot resume runs/x: ..."), "error: cannot resume runs/x: ..."),
+                    (ValueError("bad\nsecond line"), "error: ValueError: bad"),
+                    (disk, "error: the disk is full: No space left on device: a checkpoint needs about 3.0 MiB "
+                           "(/runs/x); free space and run again with --resume")):
+        assert run_main(failing(e)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(line) and err.count("\n") == 1 and "SFPO_TRACEBACK=1" in err
+    assert run_main(failing(Preempted(signal.SIGINT, 2, tmp_path))) == 128 + signal.SIGINT
+    assert "stopped by SIGINT after step 2" in capsys.readouterr().err
+    assert run_main(failing(KeyboardInterrupt())) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.startswith("interrupted: the current step was not saved")
+    with pytest.raises(RuntimeError):  # not the user's to fix: the traceback
+        run_main(failing(RuntimeError("a bug")))
+    monkeypatch.setenv("SFPO_TRACEBACK", "1")
+    with pytest.raises(ResumeError):
+        run_main(failing(ResumeError("x")))
+
+
+def test_the_cli_refuses_a_locked_folder_in_one_line(tmp_path):
+    """Through experiments/train.py, orbax opened: no shutdown noise after the refusal."""
+    cfg = load_config(None, [f"run.out={tmp_path}"])
+    with RunDir(cfg, resume=False):
+        out = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), "--out", str(tmp_path),
+                              "--resume"], env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                             timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.decode().strip().splitlines() == [
+        f"error: {tmp_path} is in use by another run (pid {os.getpid()} on {socket.gethostname()}): wait for it to "
+        "end, or use another --out  [SFPO_TRACEBACK=1 shows the traceback]"]
+
+
+# ------------------------------------------------------------------------------------------- setup checks
+
+
+class FakeTokenizer:
+    def __init__(self, n, eos=2, pad=0):
+        self.n, self.eos_token_id, self.pad_token_id = n, eos, pad
+
+    def __len__(self):
+        return self.n
+
+
+def test_prompts_are_checked_against_the_model_at_setup():
+    model = ModelConfig(architecture="qwen2", vocab_size=100, hidden_size=8, intermediate_size=8, num_layers=1,
+                        num_heads=1, num_kv_heads=1, head_dim=8, max_position_embeddings=16)
+    ok = {"train": [[1, 2, 3]], "math500": [[4] * 10]}
+    check_prompts_fit(ok, FakeTokenizer(100), model, max_new_tokens=6)
+    with pytest.raises(ValueError, match=r"tokenizer \(120 tokens\) gives ids beyond the model's vocabulary \(100\): "
+                                         r"math500 prompt 1 holds id 105"):
+        check_prompts_fit({**ok, "math500": [[4], [105]]}, FakeTokenizer(120), model, max_new_tokens=6)
+    with pytest.raises(ValueError, match=r"eos_token_id=100 is beyond the model's vocabulary \(100\)"):
+        check_prompts_fit(ok, FakeTokenizer(101, eos=100), model, max_new_tokens=6)
+    sets, prompts, dropped = sets_within({"a": ["xx", "xxxx"], "b": ["x"]}, lambda ps: [[1] * len(p) for p in ps], 3)
+    assert (sets, prompts, dropped) == ({"a": ["xx"], "b": ["x"]}, {"a": [[1, 1]], "b": [[1]]}, {"a": 1, "b": 0})
+    with pytest.raises(ValueError, match=r"evaluation set .a.: no problem fits rollout\.max_prompt_length=1"):
+        sets_within({"a": ["xx"]}, lambda ps: [[1] * len(p) for p in ps], 1)
+    with pytest.raises(ValueError, match=r"longest prompt \(10 tokens\) plus rollout.max_new_tokens=7 does not fit "
+                                         r"the model's max_position_embeddings=16"):
+        check_prompts_fit(ok, FakeTokenizer(100), model, max_new_tokens=7)
+
+
+class Ragged(SlowGrading):
+    """Arithmetic whose problems with odd answers start with "0+": prompts of 6 and 8 tokens."""
+
+    def render(self, problem):
+        return ("0+" if int(problem.answer) % 2 else "") + super().render(problem)
+
+
+def test_prompts_over_the_limit_are_counted_printed_logged_and_eval_is_filtered_alike(policy_dir, tmp_path,
+                                                                                      capfd):
+    task = Ragged(num_train=64, num_eval=8)
+    odd = lambda ps: sum(int(p.answer) % 2 for p in ps)
+    cfg = load_config(None, [*overrides(policy_dir, tmp_path), "run.steps=1", "eval.every=1", "run.checkpoint_every=0",
+                             "rollout.max_prompt_length=6"])
+    (row,) = train(cfg, task=task).history
+    assert row["data/train_prompts_dropped"] == odd(task.train_problems()) > 0
+    assert row["data/eval_prompts_dropped"] == odd(task.eval_problems())
+    said = capfd.readouterr().err
+    assert f"rollout.max_prompt_length=6 drops {odd(task.train_problems())} of 64 training prompts" in said
+    assert f"and evaluation prompts: {task.name} {odd(task.eval_problems())}" in said

@@ -74,7 +74,23 @@ def np_aggregate(vals, mask, agg, num_tokens=None, num_seqs=None, loss_norm=None
     if agg == "seq-mean-token-sum":
         return sum(sum(r) for r in nonempty) / s
     c = loss_norm if loss_norm is not None else len(mask[0])
-    return sum(sum(r) for r in nonempty) / (s * c)
+    return sum(sum(r) for r in nonempty) / c  # verl: no 1/N_seq (see verl_agg_loss)
+
+
+def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode, loss_scale_factor=None):
+    """verl's `core_algos.agg_loss` (volcengine/verl, verl/trainer/ppo/core_algos.py), written out in numpy: the
+    reference that `grpo.aggregate` must match (on batches without empty completions, where verl's
+    seq-mean-token-mean would divide by zero)."""
+    loss_mat, loss_mask = np.asarray(loss_mat, np.float64), np.asarray(loss_mask, np.float64)
+    if loss_agg_mode == "token-mean":
+        return (loss_mat * loss_mask).sum() / loss_mask.sum()
+    if loss_agg_mode == "seq-mean-token-sum":
+        return np.mean(np.sum(loss_mat * loss_mask, axis=-1))
+    if loss_agg_mode == "seq-mean-token-mean":
+        return np.mean(np.sum(loss_mat * loss_mask, axis=-1) / np.sum(loss_mask, axis=-1))
+    assert loss_agg_mode == "seq-mean-token-sum-norm"
+    seq_losses = np.sum(loss_mat * loss_mask, axis=-1)
+    return np.sum(seq_losses) / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
 
 
 def np_policy_loss(lp, old, adv, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None, agg="token-mean",
@@ -272,12 +288,24 @@ def test_seq_mean_aggregations_differ_as_documented():
     vals = jnp.array([[1.0, 1.0, 1.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
     mask = jnp.array([[1, 1, 1, 1], [1, 0, 0, 0]])
     expect = {"token-mean": 7 / 5, "seq-mean-token-mean": (1 + 3) / 2, "seq-mean-token-sum": (4 + 3) / 2,
-              "seq-mean-token-sum-norm": (4 + 3) / (2 * 4)}
+              "seq-mean-token-sum-norm": (4 + 3) / 4}
     for agg, v in expect.items():
         np.testing.assert_allclose(float(grpo.aggregate(vals, mask, agg)), v, rtol=1e-6, err_msg=agg)
     np.testing.assert_allclose(float(grpo.aggregate(vals, mask, "seq-mean-token-sum-norm", loss_norm=7.0)),
-                               7 / 14, rtol=1e-6)
+                               7 / 7, rtol=1e-6)
     assert float(grpo.aggregate(vals, jnp.zeros_like(mask), "seq-mean-token-mean")) == 0.0
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_aggregate_matches_verls_agg_loss(agg):
+    """Every mode against verl's own formula, on a ragged batch (no empty completion) and with a set normaliser."""
+    rng = np.random.default_rng(3)
+    vals = rng.normal(size=(6, 9)).astype(np.float32)
+    mask = np.arange(9)[None] < rng.integers(1, 10, 6)[:, None]
+    np.testing.assert_allclose(float(grpo.aggregate(vals, mask, agg)), verl_agg_loss(vals, mask, agg), rtol=1e-5)
+    if agg == "seq-mean-token-sum-norm":
+        np.testing.assert_allclose(float(grpo.aggregate(vals, mask, agg, loss_norm=512.0, num_seqs=6)),
+                                   verl_agg_loss(vals, mask, agg, loss_scale_factor=512.0), rtol=1e-5)
 
 
 @pytest.mark.parametrize("agg", AGGS)

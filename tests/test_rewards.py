@@ -282,6 +282,31 @@ def test_batch_deadline_bounds_a_hostile_batch():
         assert g.last_result.metrics()["timed_out"] == 0
 
 
+def test_the_batch_deadline_scales_with_the_batch_not_with_its_hangs():
+    g = MathGrader(num_workers=2, timeout=5.0, batch_timeout=60.0, item_seconds=0.5)
+    g.startup_seconds = 1.0  # measured when workers become ready
+    # 8 answers on 2 workers: one timeout (the hangs side by side), one worker start-up, 4 rounds of 0.5 s.
+    assert g.batch_seconds(8) == 5.0 + 1.0 + 4 * 0.5
+    assert g.batch_seconds(1) == 5.0 + 1.0 + 0.5 and g.batch_seconds(10_000) == 60.0
+    assert MathGrader(num_workers=2, item_seconds=None, batch_timeout=60.0).batch_seconds(8) == 60.0
+    assert MathGrader(num_workers=2, batch_timeout=None).batch_seconds(8) == 5.0 + 0.0 + 2.0
+    with pytest.raises(ValueError, match="item_seconds"):
+        MathGrader(item_seconds=-1.0)
+
+
+def test_hanging_answers_do_not_hold_up_the_answers_behind_them():
+    """Two hangs take both workers; spare workers grade the rest before the batch deadline (without them the four
+    good answers waited behind the hangs and were cut off by it), and the pool is back to its size afterwards."""
+    hang = HOSTILE["tower"]
+    items = [hang, hang, r"\boxed{1}", r"\boxed{2}", r"\boxed{1}", r"\boxed{1}"]
+    with MathGrader(num_workers=2, timeout=60.0, batch_timeout=15.0, item_seconds=0.2) as g:
+        g.start()
+        result = g.grade(items, ["1"] * len(items))
+        np.testing.assert_array_equal(result.status, [DEADLINE, DEADLINE, OK, OK, OK, OK])
+        np.testing.assert_array_equal(result.correct, [False, False, True, False, True, True])
+        assert len(g._workers) == g.num_workers
+
+
 def test_math_reward_from_a_plain_script(tmp_path):
     # No `if __name__ == "__main__":` guard: multiprocessing's spawn re-imported (and re-ran) this in every worker.
     script = tmp_path / "plain_script.py"

@@ -35,9 +35,9 @@ from sfpo_jax.train import (
     rollouts,
     train,
 )
+from sfpo_jax.train.checks import prompts_within
 from sfpo_jax.train.config import ConfigError
 from sfpo_jax.train.evaluation import eval_sets_of, evaluate
-from sfpo_jax.train.loop import prompts_within
 from sfpo_jax.train.policy import load_policy
 from sfpo_jax.train.rollouts import TrainingPrompts
 
@@ -68,8 +68,8 @@ def test_data_order_covers_each_epoch_once_and_is_a_function_of_the_cursor():
 def test_overlong_training_prompts_are_dropped():
     problems = ["ab", "abcd", "abc", "abcdef"]
     prompts = [list(p) for p in problems]
-    assert prompts_within(problems, prompts, 3) == (["ab", "abc"], [list("ab"), list("abc")])
-    assert prompts_within(problems, prompts, 6) == (problems, prompts)
+    assert prompts_within(problems, prompts, 3) == (["ab", "abc"], [list("ab"), list("abc")], 2)
+    assert prompts_within(problems, prompts, 6) == (problems, prompts, 0)
     with pytest.raises(ValueError, match="max_prompt_length=1"):
         prompts_within(problems, prompts, 1)
 
@@ -172,33 +172,29 @@ def test_killed_run_resumes_to_the_same_params_and_metrics(policy_dir, tmp_path,
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-class NaNAfter(ArithmeticTask):
-    """Arithmetic whose rewards turn NaN from the ``bad_from``-th scoring call on (a poisoned batch)."""
+def test_non_finite_updates_are_skipped_then_stop_the_run(policy_dir, tmp_path, monkeypatch):
+    from tests.test_faults import poison_advantages
 
-    def __init__(self, bad_from: int, **kwargs):
-        super().__init__(**kwargs)
-        self.bad_from, self.calls = bad_from, 0
-
-    def reward(self, completions, answers):
-        self.calls += 1
-        r = super().reward(completions, answers)
-        return np.full_like(r, np.nan) if self.calls >= self.bad_from else r
-
-
-def test_non_finite_updates_are_skipped_then_stop_the_run(policy_dir, tmp_path):
     cfg = load_config(None, [*overrides(policy_dir, tmp_path), "run.steps=4", "eval.every=0",
                              "run.max_nonfinite_in_a_row=4"])
-    task = NaNAfter(bad_from=3, num_train=64, num_eval=4)
+    task = ArithmeticTask(num_train=64, num_eval=4)
+    poison_advantages(monkeypatch, slice(None), at=lambda call: call >= 3)  # every batch from step 3 on
     # The poisoned batch still gets its whole SFPO cycle of (2 + 1) * 2 calls, every one skipped.
-    with pytest.raises(NonFiniteError, match="step 3: 6 optimizer calls in a row"):
+    with pytest.raises(NonFiniteError, match=r"step 3: 6 optimizer calls in a row.*the last checkpoint, step 2, "
+                                             "is intact"):
         train(cfg, task=task)
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["nonfinite_total"] == 0
     ckpt = Checkpointer(tmp_path / "checkpoints")
     assert ckpt.all_steps() == [1, 2]
     # The last good checkpoint is whole: the run resumes from it (and fails again on the same poisoned batch).
+    poison_advantages(monkeypatch, slice(None), at=lambda call: True)
     with pytest.raises(NonFiniteError, match="step 3"):
-        train(cfg, resume=True, task=NaNAfter(bad_from=1, num_train=64, num_eval=4))
+        train(cfg, resume=True, task=task)
+    # With no checkpoint yet, the error says so instead of pointing at one.
+    with pytest.raises(NonFiniteError, match="no checkpoint was saved yet"):
+        train(load_config(None, [*overrides(policy_dir, tmp_path / "none"), "run.steps=1", "eval.every=0",
+                                 "run.checkpoint_every=0", "run.max_nonfinite_in_a_row=1"]), task=task)
 
 
 @pytest.mark.parametrize("mesh", [["mesh.data=8"], ["mesh.data=2", "mesh.fsdp=4"]], ids=["data", "fsdp"])

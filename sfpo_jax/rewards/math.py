@@ -5,9 +5,11 @@ ever (``\\boxed{9^{9^{9^{9}}}}``) or eat all memory. Its own timeouts use ``sign
 the main thread, so they are switched off here (``parsing_timeout=None``, ``timeout_seconds=None``) and every
 item instead runs in a persistent worker process with a deadline: a worker that misses it is killed and
 replaced, the item scores 0 and is counted as a timeout. This works from any thread and grades a batch in
-parallel over the workers. A whole batch also has a deadline (``batch_timeout``): items still ungraded when it
-passes score 0 and are counted (status ``deadline``), so a batch of hanging items costs one deadline, not one
-item timeout each.
+parallel over the workers. A whole batch also has a deadline that scales with its size, not with its count of
+hanging items: one item ``timeout`` (what its hanging items would cost if they all ran in parallel) plus
+``item_seconds`` for each round of the other items over the workers, capped at ``batch_timeout``. Items still
+ungraded when it passes score 0 and are counted (status ``deadline``): 8 hanging answers on 2 workers cost about
+one timeout, not four in a row.
 
 The workers are plain ``python -P .../rewards/_worker.py`` subprocesses talking over pipes, not
 ``multiprocessing`` children: the ``spawn``/``forkserver`` start methods re-import the caller's ``__main__``,
@@ -130,6 +132,7 @@ class _Worker:
         self.conn = Connection(from_child_r, writable=False)
         self.tx = Connection(to_child_w, readable=False)
         self.ready = False
+        self.spawned = time.monotonic()
         self.item: int | None = None
         self.deadline = 0.0
         try:
@@ -176,9 +179,13 @@ class MathGrader:
     Args:
       num_workers: worker processes; default ``min(8, os.cpu_count())``.
       timeout: per-item deadline in seconds, counted from the moment a ready worker receives the item.
-      batch_timeout: deadline in seconds for the grading of a whole ``grade`` call, counted once the call has
-        the workers (after the linear-time answer extraction, and after any other thread's call); items not
-        graded by then get status DEADLINE (not correct) and in-flight workers are replaced. None: no deadline.
+      batch_timeout: the most seconds the grading of a whole ``grade`` call may take (None: no cap); see
+        :meth:`batch_seconds` for the deadline itself. Counted once the call has a ready worker (after the
+        linear-time answer extraction, and after any other thread's call); items not graded by then get status
+        DEADLINE (not correct) and in-flight workers are replaced.
+      item_seconds: the batch deadline's allowance per answer and worker (None: the deadline is ``batch_timeout``
+        alone, whatever the batch). math-verify takes ~10-50 ms for an ordinary answer, so the default leaves
+        10x room for a loaded machine.
       max_answer_chars: boxed answers longer than this are not parsed (scored as wrong).
       max_memory_mb: address-space limit of each worker (0 disables it).
 
@@ -194,6 +201,7 @@ class MathGrader:
         *,
         timeout: float = 5.0,
         batch_timeout: float | None = 60.0,
+        item_seconds: float | None = 0.5,
         max_answer_chars: int = 1000,
         max_memory_mb: int = 2048,
     ):
@@ -205,6 +213,8 @@ class MathGrader:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if batch_timeout is not None and not batch_timeout > 0:
             raise ValueError(f"batch_timeout must be > 0 seconds or None, got {batch_timeout}")
+        if item_seconds is not None and not item_seconds >= 0:
+            raise ValueError(f"item_seconds must be >= 0 seconds or None, got {item_seconds}")
         if max_answer_chars < 1:
             raise ValueError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
         if max_memory_mb < 0:
@@ -212,6 +222,8 @@ class MathGrader:
         self.num_workers = num_workers
         self.timeout = float(timeout)
         self.batch_timeout = None if batch_timeout is None else float(batch_timeout)
+        self.item_seconds = None if item_seconds is None else float(item_seconds)
+        self.startup_seconds = 0.0
         self.max_answer_chars = max_answer_chars
         self.max_memory_mb = max_memory_mb
         self._workers: list[_Worker] = []
@@ -272,6 +284,8 @@ class MathGrader:
             msg = None
         if msg is not None and msg[0] == "ready":
             w.ready = True
+            # What replacing a killed worker costs: the slowest start-up seen (a loaded machine: several seconds).
+            self.startup_seconds = max(self.startup_seconds, time.monotonic() - w.spawned)
             return
         # Retrying would fail the same way for ever: drop the worker and say why.
         self._workers.remove(w)
@@ -297,6 +311,17 @@ class MathGrader:
             self._workers.remove(w)
         while len(self._workers) < self.num_workers:
             self._workers.append(_Worker(self.max_memory_mb))
+
+    def batch_seconds(self, num_answers: int) -> float | None:
+        """The grading deadline of a batch of ``num_answers`` boxed answers, in seconds (None: none): ``timeout``
+        + the slowest worker start-up seen (what replacing a hung worker costs) + ``item_seconds`` x
+        ceil(num_answers / num_workers), at most ``batch_timeout``. Hanging answers then cost about one timeout
+        together, however many they are, instead of one per worker round."""
+        if self.item_seconds is None:
+            return self.batch_timeout
+        rounds = -(-num_answers // self.num_workers)
+        scaled = self.timeout + self.startup_seconds + self.item_seconds * rounds
+        return scaled if self.batch_timeout is None else min(scaled, self.batch_timeout)
 
     # -- grading ----------------------------------------------------------------------------------------------
     def grade(
@@ -332,8 +357,7 @@ class MathGrader:
                 jobs.append((i, _clean(a), boxed))
         if jobs:
             with self._lock:
-                deadline = None if self.batch_timeout is None else time.monotonic() + self.batch_timeout
-                self._run(jobs, correct, status, deadline)
+                self._run(jobs, correct, status)
         result = GradeResult(correct=correct, status=status, elapsed=time.monotonic() - t0)
         with self._lock:
             for k, v in result.metrics().items():
@@ -341,14 +365,22 @@ class MathGrader:
             self.last_result = result
         return result
 
-    def _run(
-        self, jobs: list[tuple[int, str, str]], correct: np.ndarray, status: np.ndarray, deadline: float | None
-    ) -> None:
+    def _run(self, jobs: list[tuple[int, str, str]], correct: np.ndarray, status: np.ndarray) -> None:
+        """Grades ``jobs`` over the workers within :meth:`batch_seconds`.
+
+        A worker that has spent ``item_seconds`` on one item is probably on a hanging one: a spare worker takes
+        its place for the rest of the queue (at most ``num_workers`` spares at a time, so memory stays within
+        twice the pool's), so that hanging items wait for their timeouts side by side while the other items are
+        still graded. The spares are stopped when the call ends."""
         self._ensure_workers()
         pending = list(reversed(jobs))
         busy: dict[Connection, _Worker] = {}
         starting: dict[Connection, _Worker] = {w.conn: w for w in self._workers if not w.ready}
         idle = [w for w in self._workers if w.ready]
+        # The deadline runs while some worker is up: replacements of killed workers (of this batch or the previous
+        # one) may all be starting (a second, several on a loaded machine), which must not eat the batch's budget.
+        budget = self.batch_seconds(len(jobs)) if idle else None
+        deadline = None if budget is None else time.monotonic() + budget
 
         def dispatch() -> None:
             while idle and pending:
@@ -363,9 +395,10 @@ class MathGrader:
                 w.item, w.deadline = i, time.monotonic() + self.timeout
                 busy[w.conn] = w
 
-        def replace(w: _Worker) -> None:
-            w.kill()
-            self._workers.remove(w)
+        def replace(w: _Worker | None) -> None:
+            if w is not None:
+                w.kill()
+                self._workers.remove(w)
             fresh = _Worker(self.max_memory_mb)
             self._workers.append(fresh)
             starting[fresh.conn] = fresh
@@ -377,15 +410,25 @@ class MathGrader:
                 if deadline is not None and now >= deadline:
                     break
                 dispatch()
+                for _ in range(self._spares_wanted(busy.values(), now) if pending else 0):
+                    replace(None)
                 wake = min((w.deadline for w in busy.values()), default=now + 1.0)
+                if self.item_seconds is not None and pending:  # when a busy worker turns slow
+                    wake = min([wake, *(w.deadline - self.timeout + self.item_seconds for w in busy.values()
+                                        if w.deadline - self.timeout + self.item_seconds > now)])
                 if deadline is not None:
                     wake = min(wake, deadline)
+                stalled = not busy and not idle  # every worker is starting: that time is not the batch's
                 ready = wait([*busy, *starting], timeout=max(0.0, wake - now))
+                if stalled and deadline is not None:
+                    deadline += time.monotonic() - now
                 for conn in ready:
                     if conn in starting:
                         w = starting.pop(conn)
                         self._receive_ready(w)
                         idle.append(w)
+                        if deadline is None and (budget := self.batch_seconds(len(jobs))) is not None:
+                            deadline = time.monotonic() + budget
                         continue
                     w = busy.pop(conn)
                     try:
@@ -408,17 +451,34 @@ class MathGrader:
                         replace(w)
             finished = True
         finally:
-            # The batch deadline passed (or an exception, e.g. KeyboardInterrupt, is on its way): what is not
-            # graded scores 0 as DEADLINE, and in-flight workers are killed so that none answers a later call.
-            for i, _, _ in pending:
-                status[i] = DEADLINE
-            for w in list(busy.values()):
-                status[w.item] = DEADLINE
-                if finished:
-                    replace(w)  # the replacement starts in the background, ready for the next call
-                else:
-                    w.kill()
-                    self._workers.remove(w)
+            self._end_batch(pending, busy, status, replace if finished else None)
+
+    def _spares_wanted(self, busy, now: float) -> int:
+        """How many workers to add: one per busy worker past ``item_seconds`` on its item, beyond the spares
+        already up, with at most ``num_workers`` spares in all."""
+        if self.item_seconds is None:
+            return 0
+        slow = sum(now >= w.deadline - self.timeout + self.item_seconds for w in busy)
+        spares = len(self._workers) - self.num_workers
+        return max(0, min(slow, self.num_workers) - spares)
+
+    def _end_batch(self, pending, busy: dict, status: np.ndarray, replace: Callable | None) -> None:
+        """After the loop: what is not graded scores 0 as DEADLINE (the batch deadline passed, or an exception
+        such as KeyboardInterrupt is on its way); in-flight workers are killed, so that none answers a later
+        call, and replaced (``replace``; None: not), then the pool is cut back to ``num_workers``."""
+        for i, _, _ in pending:
+            status[i] = DEADLINE
+        for w in list(busy.values()):
+            status[w.item] = DEADLINE
+            if replace is not None:
+                replace(w)  # the replacement starts in the background, ready for the next call
+            else:
+                w.kill()
+                self._workers.remove(w)
+        surplus = len(self._workers) - self.num_workers  # the spares: those still starting go first
+        for w in sorted(self._workers, key=lambda w: w.ready)[: max(0, surplus)]:
+            w.kill()
+            self._workers.remove(w)
 
 
 _DEFAULT: MathGrader | None = None

@@ -288,24 +288,28 @@ def aggregate(values: Any, mask: Any, agg: str = "token-mean", *, num_tokens: An
       token-mean:              Σ_it m x / N_tok                 N_tok = num_tokens or Σ_it m   (DAPO, verl default)
       seq-mean-token-mean:     Σ_i (Σ_t m x / n_i) / N_seq      N_seq = num_seqs or S          (original GRPO)
       seq-mean-token-sum:      Σ_i Σ_t m x / N_seq
-      seq-mean-token-sum-norm: Σ_i Σ_t m x / (N_seq · C)        C = loss_norm or T              (Dr. GRPO)
-    The last is Dr. GRPO's (1/G) Σ_i (1/MAX_TOKENS) Σ_t and matches current verl (older verl omitted the
-    1/N_seq). Empty completions contribute 0 and the default denominators are at least 1, so an all-masked
-    batch gives 0, not NaN.
+      seq-mean-token-sum-norm: Σ_i Σ_t m x / C                  C = loss_norm or T              (Dr. GRPO)
+    The last is verl's `agg_loss` in every version: the summed sequence losses over the constant C alone
+    (`torch.sum(seq_losses) / loss_mask.shape[-1]`, or verl's `loss_scale_factor`), with no 1/N_seq. Dr. GRPO's
+    paper also writes a 1/G group mean; that is a constant factor (the batch size), i.e. a learning-rate scale,
+    which verl and this function leave out. Empty completions contribute 0 and the default denominators are at
+    least 1, so an all-masked batch gives 0, not NaN.
 
     Micro-batches: a full-batch loss is the *sum* of its micro-batch losses when every micro-batch passes the
     full batch's denominator: `num_tokens = Σ mask` over the whole (mini-)batch for token-mean, or `num_seqs`
-    = its number of non-empty completions for the seq-mean-* modes (C is a constant already). Then summing
-    (or accumulating gradients of) the micro-batch losses reproduces the full-batch loss and gradient exactly;
-    averaging per-micro-batch token-means would instead weight tokens by their micro-batch's length. Each mode
-    reads only its own denominator, so a trainer may always pass both `num_tokens` and `num_seqs`.
+    = its number of non-empty completions for seq-mean-token-mean and seq-mean-token-sum (seq-mean-token-sum-norm
+    divides by the constant C and reads neither). Then summing (or accumulating gradients of) the micro-batch
+    losses reproduces the full-batch loss and gradient exactly; averaging per-micro-batch token-means would
+    instead weight tokens by their micro-batch's length. Each mode reads only its own denominator, so a trainer
+    may always pass both `num_tokens` and `num_seqs`.
 
     Args:
       values: `[B, T]` per-token values; masked entries are ignored (they may be inf/NaN).
       mask: `[B, T]` bool or 0/1.
       agg: one of `AGGREGATIONS`.
       num_tokens: optional scalar (Python or traced) denominator for token-mean; ignored by the other modes.
-      num_seqs: optional scalar (Python or traced) sequence count for the seq-mean-* modes; ignored by token-mean.
+      num_seqs: optional scalar (Python or traced) sequence count for seq-mean-token-mean and seq-mean-token-sum;
+        ignored by the other modes.
       loss_norm: optional positive constant C for seq-mean-token-sum-norm; default T = values.shape[1].
 
     Returns:
@@ -319,13 +323,12 @@ def aggregate(values: Any, mask: Any, agg: str = "token-mean", *, num_tokens: An
         return jnp.sum(x) / jnp.asarray(denom, x.dtype)
     lengths = jnp.sum(m, axis=-1)
     seq_sums = jnp.sum(x, axis=-1)
+    if agg == "seq-mean-token-sum-norm":  # a constant denominator: additive over micro-batches as it stands
+        return jnp.sum(seq_sums) / jnp.asarray(x.shape[-1] if loss_norm is None else loss_norm, x.dtype)
     if agg == "seq-mean-token-mean":
         seq_sums = seq_sums / jnp.maximum(lengths, 1).astype(x.dtype)
     denom = jnp.maximum(jnp.sum(lengths > 0), 1) if num_seqs is None else num_seqs
-    denom = jnp.asarray(denom, x.dtype)
-    if agg == "seq-mean-token-sum-norm":
-        denom = denom * (x.shape[-1] if loss_norm is None else loss_norm)
-    return jnp.sum(seq_sums) / denom
+    return jnp.sum(seq_sums) / jnp.asarray(denom, x.dtype)
 
 
 # -------------------------------------------------------------------------------------------- policy loss

@@ -3,10 +3,12 @@ your own loop), the loop, the run folder (checkpoints, metrics) and the supervis
 policy."""
 
 from sfpo_jax.train.checkpointer import Checkpointer
+from sfpo_jax.train.checks import RewardError
 from sfpo_jax.train.config import Config, ConfigError, load_config, save_config
 from sfpo_jax.train.learner import Batch, Learner, TrainState, make_learner
 from sfpo_jax.train.loop import NonFiniteError, TrainResult, train
 from sfpo_jax.train.metrics import MetricsLogger, PhaseTimer, deterministic, read_metrics
+from sfpo_jax.train.preemption import Preempted
 from sfpo_jax.train.rollouts import Position, Rollouts, TrainingPrompts, make_rollouts
 from sfpo_jax.train.run_dir import ResumeError, RunDir
 from sfpo_jax.train.step import RLStep, make_rl_step
@@ -21,8 +23,10 @@ __all__ = [
     "NonFiniteError",
     "PhaseTimer",
     "Position",
+    "Preempted",
     "RLStep",
     "ResumeError",
+    "RewardError",
     "Rollouts",
     "RunDir",
     "TrainResult",

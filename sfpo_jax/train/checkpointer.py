@@ -20,7 +20,9 @@ Zero-size arrays (which orbax refuses to write) are not stored; restore rebuilds
 
 from __future__ import annotations
 
+import errno
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +150,20 @@ class Checkpointer:
         if latest is not None and step <= latest:
             raise ValueError(f"step {step!r} is not after the latest checkpoint {latest} in {self.directory}")
         state = jax.tree.map(_to_saved, train_state)
+        self._check_free_space(state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)  # the loop decides when to save, not orbax's policy
+
+    def _check_free_space(self, state: Any, margin: int = 1 << 20) -> None:
+        """OSError(ENOSPC) before writing when the disk cannot hold the state's raw bytes (plus ``margin``): orbax
+        fails on a full disk from several writer threads at once, each with its own traceback, and the one line
+        that matters is lost among them. Only a first guard: a disk that fills up during the save still fails
+        there, and the previous checkpoints stay intact either way."""
+        need = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state)) + margin
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left on device: a checkpoint needs about {need / 2**20:.1f} MiB, "
+                          f"{free / 2**20:.1f} MiB are free", str(self.directory))
 
     def restore(self, step: int | None = None, *, target: Any) -> tuple[Any, dict[str, Any]]:
         """Reads ``step`` (default: the latest) into the structure of ``target``.

@@ -14,6 +14,7 @@ dotted field and the offending value.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import math
 import types
@@ -32,6 +33,24 @@ from sfpo_jax.sampling import SamplingConfig
 
 class ConfigError(ValueError):
     """A config field is unknown, mistyped or out of range; the message names the dotted field."""
+
+
+def check_range(name: str, value: float, *, low: float | None = None, high: float | None = None,
+                low_inclusive: bool = True, high_inclusive: bool = True) -> None:
+    """Raises ``ValueError("<name> must be a finite number in [low, high), got <value>")`` unless ``value`` is
+    finite and within the bounds (a section's ``__post_init__`` check; :func:`from_dict` prefixes the section)."""
+    ok = math.isfinite(value)
+    ok = ok and (low is None or value > low or (low_inclusive and value == low))
+    ok = ok and (high is None or value < high or (high_inclusive and value == high))
+    if ok:
+        return
+    if low is not None and high is not None:
+        valid = f"in {'[' if low_inclusive else '('}{low:g}, {high:g}{']' if high_inclusive else ')'}"
+    elif low is not None:
+        valid = f"{'>=' if low_inclusive else '>'} {low:g}"
+    else:
+        valid = f"{'<=' if high_inclusive else '<'} {high:g}"
+    raise ValueError(f"{name} must be a finite number {valid}, got {value!r}")
 
 
 def _default(fn: Any, name: str) -> Any:
@@ -111,10 +130,12 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
 
     def __post_init__(self):
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or null, got {self.max_grad_norm!r}")
+        check_range("learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
+        check_range("weight_decay", self.weight_decay, low=0.0)
+        for name in ("b1", "b2"):  # Adam's moment decays: b = 1 never forgets, the bias correction divides by 0
+            check_range(name, getattr(self, name), low=0.0, high=1.0, high_inclusive=False)
+        if self.max_grad_norm is not None:
+            check_range("max_grad_norm", self.max_grad_norm, low=0.0, low_inclusive=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +252,8 @@ class RunConfig:
         for name in ("steps", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        if not 0 <= self.seed < 2**63:  # numpy's and JAX's seeds are unsigned 64-bit
+            raise ValueError(f"seed={self.seed!r} must be in [0, 2**63)")
         for name in ("keep_checkpoints", "max_nonfinite_in_a_row"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
@@ -280,13 +303,16 @@ class Config:
 def from_dict(data: Mapping[str, Any], cls: type = Config, *, prefix: str = "") -> Any:
     """Builds the dataclass ``cls`` from a (nested) mapping, checking every field's type."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+        raise ConfigError(f"{prefix[:-1] or 'config'} must be a mapping (a section), got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         where = f"section {prefix[:-1]!r}" if prefix else "the top level"
-        raise ConfigError(f"unknown field(s) {unknown} in {where}; expected one of {sorted(fields)}")
+        hints_ = [f"{prefix}{u}: did you mean {prefix}{m[0]}?" for u in unknown
+                  if (m := difflib.get_close_matches(str(u), list(fields), n=1))]
+        raise ConfigError(f"unknown field(s) {unknown} in {where}; expected one of {sorted(fields)}"
+                          + "".join(f"; {h}" for h in hints_))
     kwargs = {}
     for name, value in data.items():
         path = f"{prefix}{name}"
@@ -374,7 +400,11 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote "
+                              "it, with a space after each ':' in a mapping") from None
     return data
 
 
@@ -389,8 +419,35 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path)
     return from_dict(apply_overrides(data, overrides))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a repeated key (PyYAML keeps the last one silently, so a
+    second ``rollout:`` section would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{key_node.start_mark.name}: duplicate key {key!r} on lines {seen[key]} and "
+                                  f"{line} (YAML would keep only the last); merge them into one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping (``{}`` for an empty file); ConfigError on a duplicate key or a YAML error."""
+    path = Path(path)
+    try:
+        with path.open() as f:  # a stream, so that YAML's marks (and our errors) name the file
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return data
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

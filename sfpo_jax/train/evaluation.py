@@ -10,6 +10,7 @@ import numpy as np
 from sfpo_jax.parallel import all_hosts, host_share
 from sfpo_jax.sampling import Sampler, SamplingConfig, prompt_bucket
 from sfpo_jax.tasks import Problem
+from sfpo_jax.train.checks import checked_rewards
 
 
 def eval_sets_of(task, max_problems: int | None) -> dict[str, list[Problem]]:
@@ -55,7 +56,7 @@ def evaluate(sampler: Sampler, params, eval_sets: dict[str, list[Problem]], enco
         rollout = sampler.generate([ids for _, ids in local], sampling, jax.random.fold_in(key, i), params=params,
                                    prompt_length=prompt_bucket(max(map(len, prompts))))
         answers = [p.answer for p, _ in local for _ in range(k)]
-        local_rewards = np.asarray(reward_fn(rollout.texts(tokenizer), answers), np.float32)
+        local_rewards = checked_rewards(reward_fn, rollout.texts(tokenizer), answers)
         rewards.append(all_hosts(local_rewards)[: min(chunk_size, len(problems) - start) * k])
     rewards = np.concatenate(rewards).reshape(len(problems), k)
     out, start = {}, 0

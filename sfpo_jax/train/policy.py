@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from sfpo_jax.models import from_pretrained, load_tokenizer, smollm2_path
 from sfpo_jax.tasks import import_task, load_task
-from sfpo_jax.train.config import Config
+from sfpo_jax.train.config import Config, ConfigError
 
 WARMUP = "warmup"
 SMOLLM2 = "smollm2"
@@ -19,9 +19,14 @@ SMOLLM2 = "smollm2"
 def task_from_config(cfg: Config):
     """The run's task: the built-in ``task.name``, or the factory that ``task.import_factory`` names (imported
     only then), called with ``task.kwargs``."""
-    if cfg.task.import_factory is not None:
-        return import_task(cfg.task.import_factory, **cfg.task.kwargs)
-    return load_task(cfg.task.name, **cfg.task.kwargs)
+    factory = cfg.task.import_factory
+    try:
+        if factory is not None:
+            return import_task(factory, **cfg.task.kwargs)
+        return load_task(cfg.task.name, **cfg.task.kwargs)
+    except TypeError as e:  # a keyword the task does not take, or a missing one
+        raise ConfigError(f"task.kwargs={dict(cfg.task.kwargs)} do not fit the task "
+                          f"{factory or cfg.task.name!r}: {e}") from None
 
 
 def policy_path(cfg: Config, task) -> Path:

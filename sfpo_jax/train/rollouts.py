@@ -25,7 +25,7 @@ from flax import nnx
 from sfpo_jax.parallel import all_hosts, host_share, to_global
 from sfpo_jax.rl import LossConfig, group_advantages
 from sfpo_jax.sampling import FinishReason, Sampler, SamplingConfig, prompt_bucket
-from sfpo_jax.train import learner
+from sfpo_jax.train import checks, learner
 from sfpo_jax.train.metrics import PhaseTimer
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
@@ -179,8 +179,8 @@ class Rollouts:
             rollout = self.sampler.generate(prompts, self.sampling, key, params=params, prompt_length=prompt_length,
                                             chunk_size=cfg.generation_batch_size)
         with timer("score"):
-            task_rewards = np.asarray(self.reward_fn(rollout.texts(self.tokenizer),
-                                                     [a for a in answers for _ in range(G)]), np.float32)
+            task_rewards = checks.checked_rewards(self.reward_fn, rollout.texts(self.tokenizer),
+                                                  [a for a in answers for _ in range(G)])
             rewards = task_rewards
             if cfg.overlong_buffer:
                 rewards = rewards + overlong_penalty(rollout.lengths, cfg.max_new_tokens, cfg.overlong_buffer,

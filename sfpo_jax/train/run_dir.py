@@ -2,7 +2,14 @@
 
 Nothing is overwritten by mistake and nothing is written before it is known to be right:
 
-- a fresh run refuses a folder that already holds checkpoints or metrics (``--resume`` continues it);
+- one run at a time: the folder is locked (``.lock``, an exclusive ``flock`` held for the whole run and released
+  by the kernel when the process dies, so it is never stale); a second run on it refuses at once, naming the
+  holder's pid and host. ``flock`` is reliable on local disks; on NFS it depends on the server;
+- a fresh run refuses a folder that already holds checkpoints or metric rows (``--resume`` continues it); one with
+  neither (a run that failed before its first step) counts as fresh;
+- a resumed run of a folder with metric rows but no checkpoint (stopped before its first save, e.g. on a full
+  disk) starts at step 0 and says so, keeping the old rows in ``metrics.jsonl.no-checkpoint`` rather than
+  truncating them;
 - a resumed run refuses a config that differs from the stored one in a field that changes the training
   trajectory (naming the fields; :data:`RESUMABLE_FIELDS` may change, e.g. ``run.steps``);
 - it resumes from the newest checkpoint that reads back, saying which unreadable ones it skipped, or names the
@@ -12,6 +19,9 @@ Nothing is overwritten by mistake and nothing is written before it is known to b
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,27 +62,73 @@ def config_changes(stored: Mapping[str, Any], current: Config) -> list[str]:
     return [k for k in changed if k not in RESUMABLE_FIELDS]
 
 
+class FolderLock:
+    """An exclusive, non-blocking ``flock`` on ``<folder>/.lock`` holding ``"pid <pid> on <host>"``; ResumeError
+    naming the holder when another process has it. :meth:`release` is idempotent."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / ".lock"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "an unknown process"
+            os.close(fd)
+            raise ResumeError(f"{folder} is in use by another run ({holder}): wait for it to end, or use another "
+                              "--out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file releases the flock
+            self._fd = None
+
+
+def metric_rows(path: Path) -> int:
+    """How many rows ``metrics.jsonl`` holds (non-empty lines, unparsed; 0 when there is no file)."""
+    if not path.exists():
+        return 0
+    with path.open() as f:
+        return sum(1 for line in f if line.strip())
+
+
 class RunDir:
     """The output folder of one run (``cfg.run.out``); see the module docstring.
 
-    Use: ``run = RunDir(cfg, resume=...)``, ``state, meta = run.restore(initial_state)``, then
-    :meth:`log` rows, :meth:`save` checkpoints and :meth:`close`.
+    Use: ``with RunDir(cfg, resume=...) as run:``, ``state, meta = run.restore(initial_state)``, then :meth:`log`
+    rows and :meth:`save` checkpoints; leaving the block (or :meth:`close`) releases the folder.
     """
 
     def __init__(self, cfg: Config, *, resume: bool, is_main: bool = True):
         self.cfg, self.resume, self.is_main = cfg, resume, is_main
         self.out = Path(cfg.run.out)
-        has_metrics = (self.out / "metrics.jsonl").exists()
-        self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.run.keep_checkpoints)
-        has_checkpoints = bool(self.checkpointer.all_steps())
-        if not resume and (has_checkpoints or has_metrics):
-            self.checkpointer.close()
-            raise ResumeError(f"{self.out} already holds a run ({'checkpoints' if has_checkpoints else 'metrics.jsonl'}"
-                              "): pass --resume to continue it, or use a new --out")
-        if resume and (has_checkpoints or has_metrics):
-            self._check_config()
         self.resume_step: int | None = None
         self.logger: MetricsLogger | None = None
+        self.checkpointer: Checkpointer | None = None
+        # Locked before the checkpointer opens: opening it deletes temporary checkpoints, e.g. another run's.
+        self._lock = FolderLock(self.out) if is_main else None
+        try:
+            self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.run.keep_checkpoints)
+            self._check_folder()
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_folder(self) -> None:
+        rows, steps = metric_rows(self.out / "metrics.jsonl"), self.checkpointer.all_steps()
+        if not self.resume and (steps or rows):
+            raise ResumeError(f"{self.out} already holds a run ({'checkpoints' if steps else 'metrics.jsonl'}"
+                              "): pass --resume to continue it, or use a new --out")
+        if self.resume and steps:
+            self._check_config()
+        elif self.resume and rows and self.is_main:
+            kept = self.out / "metrics.jsonl.no-checkpoint"
+            (self.out / "metrics.jsonl").replace(kept)
+            warnings.warn(f"{self.out} has {rows} metric rows but no checkpoint (the run stopped before its first "
+                          f"save): starting again at step 0; the old rows are kept in {kept}", stacklevel=3)
 
     def _check_config(self) -> None:
         path = self.out / "config.yaml"
@@ -135,6 +191,17 @@ class RunDir:
                                              **extra})
 
     def close(self) -> None:
-        self.checkpointer.close()
+        """Closes the checkpointer and the metrics, then releases the folder's lock (idempotent)."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+            self.checkpointer = None
         if self.logger is not None:
             self.logger.close()
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
