@@ -13,6 +13,10 @@ Stages (``--stages``, in this order; every stage keeps finished runs, so an inte
   ``compare.py`` (``OUT/paper``: summary with bootstrap intervals and plots). The sweep's runs at that rate are reused.
 - ``tuned``: each algorithm at its own best rate by the same rule, ``--seeds`` each (``OUT/tuned``): is SFPO's gain
   more than a larger effective step?
+- ``epochs``: the compute-matched baseline: GRPO with K+1 epochs over each batch (``algo=grpo-epochs``, as many
+  optimizer calls per batch as SFPO makes) against SFPO, both at the protocol rate (``OUT/epochs``; SFPO's runs are
+  the paper stage's): is SFPO's gain more than its extra optimizer steps? (The paper's GRPO takes M calls per
+  batch, its SFPO (K+1)·M.)
 - ``batch``: the paper's protocol with twice the prompts per step (``OUT/batch2x``): is the batch noise-limited?
 - ``ablate``: ``ablate.py`` at the protocol rate, ``--ablation-seeds`` each (``OUT/ablate``): K x alpha, without the
   slow correction, the entropy switch on and off.
@@ -43,7 +47,7 @@ from sfpo_jax.analysis.summary import (
 from sfpo_jax.train.config import ConfigError, load_config
 from sfpo_jax.train.metrics import read_metrics
 
-STAGES = ("sweep", "paper", "tuned", "batch", "ablate")
+STAGES = ("sweep", "paper", "tuned", "epochs", "batch", "ablate")
 ALGOS = compare.ALGOS
 KS, ALPHAS = (1, 3, 5, 7), (0.2, 0.5, 0.8, 1.0)  # the paper's ablation grid (Section 5)
 
@@ -119,6 +123,18 @@ def tuned(args, cfg, out: Path, best: dict, protocol_rate: float) -> dict:
     return {"rates": best, "summary": summary, "table": table}
 
 
+def epochs(args, cfg, out: Path, protocol_rate: float) -> dict:
+    """GRPO with K+1 epochs per batch (the summary's ``grpo`` side) against SFPO, both at the protocol rate."""
+    rate = [*args.overrides, f"optim.learning_rate={protocol_rate}"]
+    for s in args.seeds:
+        reuse(run_dir(out / "paper", "sfpo", s), run_dir(out / "epochs", "sfpo", s))
+    jobs = {run_dir(out / "epochs", a, s): ["--algo", "grpo-epochs" if a == "grpo" else a, "--seed", str(s), *rate]
+            for s in args.seeds for a in ALGOS}
+    run_all(jobs, cfg, config=args.config, out=out / "epochs", workers=args.workers, desc="compute-matched runs")
+    summary, table, _ = compare.report(out / "epochs", args.seeds, baseline="grpo-epochs", rate=protocol_rate)
+    return {"rate": protocol_rate, "summary": summary, "table": table}
+
+
 def settings(config: str, overrides: list[str]) -> dict:
     """A run's settings, less where it writes: equal settings train identically (runs are deterministic)."""
     cfg = load_config(config, overrides)
@@ -146,7 +162,9 @@ def ablation(args, out: Path, lr: float) -> dict:
 def render(results: dict, args) -> str:
     parts = [f"# SFPO vs GRPO: the study on `{args.config}`", ""]
     titles = {"sweep": "Learning-rate sweep", "paper": "The paper's protocol (both at GRPO's best rate)",
-              "tuned": "Tuned baseline (each at its own best rate)", "batch": "The paper's protocol, batch doubled",
+              "tuned": "Tuned baseline (each at its own best rate)",
+              "epochs": "Compute-matched baseline (GRPO with K+1 epochs per batch vs SFPO)",
+              "batch": "The paper's protocol, batch doubled",
               "ablate": "Ablations at the protocol rate"}
     for stage, result in results.items():
         if stage in titles:
@@ -182,6 +200,8 @@ def main(argv=None) -> int:
         results["paper"] = paper(args, out, rate, "paper", [])
     if "tuned" in args.stages:
         results["tuned"] = tuned(args, cfg, out, results["sweep"]["best_rate"], rate)
+    if "epochs" in args.stages:
+        results["epochs"] = epochs(args, cfg, out, rate)
     if "batch" in args.stages:
         doubled = f"rollout.prompts_per_step={2 * cfg.rollout.prompts_per_step}"
         results["batch"] = paper(args, out, rate, "batch2x", [doubled])

@@ -26,7 +26,7 @@ from sfpo_jax.train.config import load_config
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (default: the built-in defaults)")
-    p.add_argument("--algo", choices=["grpo", "sfpo"])
+    p.add_argument("--algo", choices=["grpo", "sfpo", "grpo-epochs"])
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--out", help="run directory (default: the config's run.out, + '-<algo>' when --algo is given)")

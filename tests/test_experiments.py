@@ -61,7 +61,8 @@ def test_compare_runs_both_algorithms_and_writes_the_summary(policy_dir, tmp_pat
 
 def test_study_sweeps_picks_rates_on_training_reward_and_reuses_runs(policy_dir, tmp_path, capsys, monkeypatch):
     """The study's stages but the ablation (ablate.py has its own tests) on a tiny policy: the sweep's training
-    reward picks the rates, the paper and tuned stages keep the sweep's runs, the batch stage doubles the batch."""
+    reward picks the rates, the paper and tuned stages keep the sweep's runs, the compute-matched stage runs GRPO with
+    K+1 epochs against the paper stage's SFPO, the batch stage doubles the batch."""
     out = tmp_path / "study"
     tiny = [f"model.path={policy_dir}", "task.kwargs={num_train: 64, num_eval: 8}", "rollout.prompts_per_step=4",
             "rollout.group_size=2", "rollout.num_minibatches=1", "rollout.max_new_tokens=3", "run.steps=2",
@@ -71,16 +72,18 @@ def test_study_sweeps_picks_rates_on_training_reward_and_reuses_runs(policy_dir,
     monkeypatch.setattr(study.compare, "launch", lambda cmd, *a: launched.append(cmd) or real_launch(cmd, *a))
     common = ["--config", str(ARITH_TINY), "--out", str(out), "--lrs", "1e-4", "1e-3", "--sweep-seeds", "0",
               "--seeds", "0"]
-    assert study.main([*common, "--stages", "paper", "tuned", "batch", "--workers", "2", *tiny]) == 0
+    assert study.main([*common, "--stages", "paper", "tuned", "epochs", "batch", "--workers", "2", *tiny]) == 0
     result = json.loads((out / "study.json").read_text())
     rewards, best = result["sweep"]["train_reward"], result["sweep"]["best_rate"]
     for algo in ("grpo", "sfpo"):
         assert best[algo] == float(max(rewards[algo], key=lambda lr: rewards[algo][lr]))  # ties: the lower rate
         assert result["tuned"]["summary"]["rates"][algo] == best[algo]
     assert result["sweep"]["protocol_rate"] == result["paper"]["rate"] == best["grpo"]
-    assert len(launched) == 4 + 2  # the sweep's 2 rates x 2 algorithms, then only the batch stage's 2 runs
-    assert all("rollout.prompts_per_step=8" in cmd for cmd in launched[4:])
-    for stage in ("paper", "tuned", "batch2x"):
+    # The sweep's 2 rates x 2 algorithms, the compute-matched GRPO (its SFPO is the paper stage's), the batch stage's 2.
+    assert len(launched) == 4 + 1 + 2
+    assert "grpo-epochs" in launched[4] and result["epochs"]["summary"]["baseline"] == "grpo-epochs"
+    assert all("rollout.prompts_per_step=8" in cmd for cmd in launched[5:])
+    for stage in ("paper", "tuned", "epochs", "batch2x"):
         assert (out / stage / "grpo" / "seed0" / "metrics.jsonl").is_file()
     assert (out / "lr_sweep.png").stat().st_size > 0
     assert "Learning-rate sweep" in (out / "study.md").read_text() and "best rate" in capsys.readouterr().out

@@ -216,7 +216,8 @@ def test_every_logged_learner_metric_is_invariant_to_the_micro_batch_split(polic
     batch = learner.Batch(tokens, np.concatenate([np.ones((n, p), bool), completion], 1), completion,
                           np.where(completion, rng.normal(-2.0, 0.3, (n, t)), 0).astype(np.float32),
                           rng.normal(size=n).astype(np.float32),
-                          np.where(completion, rng.normal(-2.0, 0.3, (n, t)), 0).astype(np.float32))
+                          np.where(completion, rng.normal(-2.0, 0.3, (n, t)), 0).astype(np.float32),
+                          np.zeros((n, 0), np.float32))
     cfg = load_config(None, ["rollout.prompts_per_step=2", "rollout.num_minibatches=1", "loss.kl_coef=0.1",
                              f"loss.agg={agg}"])
     tx = cfg.optimizer()

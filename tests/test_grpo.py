@@ -556,3 +556,80 @@ def test_bad_shapes_and_temperature():
         grpo.token_logprobs_and_entropy(np.zeros((1, 2, 3)), np.zeros((1, 2), int), np.ones((1, 2)), temperature=0.0)
     with pytest.raises(ValueError, match="logits must be"):
         grpo.token_logprobs_and_entropy(np.zeros((2, 3)), np.zeros((2,), int), np.ones((2,)))
+
+
+# ------------------------------------------------------------------------ GSPO and rollout-mismatch correction
+
+
+def np_gspo_loss(lp, old, adv, mask, clip_low, clip_high, agg):
+    """GSPO (arXiv 2507.18071, eq. 5-7) in float64: s_i = exp(mean_t(logπ − logπ_old)) per completion, the clipped
+    surrogate max(−A s_i, −A clip(s_i)) on every token of completion i, aggregated as ``agg``."""
+    lp, old, mask = np.asarray(lp, np.float64), np.asarray(old, np.float64), np.asarray(mask, bool)
+    pg = np.zeros(mask.shape)
+    for b in range(mask.shape[0]):
+        if mask[b].any():
+            s = math.exp((lp[b] - old[b])[mask[b]].mean())
+            pg[b, mask[b]] = max(-adv[b] * s, -adv[b] * min(max(s, 1 - clip_low), 1 + clip_high))
+    return np_aggregate(pg, mask, agg)
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
+def test_gspo_sequence_ratio_matches_numpy_and_its_gradient(agg):
+    d = make_batch(seed=4, b=12)
+    kw = dict(importance_sampling_level="sequence", agg=agg, clip_low=3e-4, clip_high=4e-4)  # GSPO's clips
+    loss, m = call(d, **kw)
+    np.testing.assert_allclose(float(loss), np_gspo_loss(d["lp"], d["old"], d["adv"], d["mask"], 3e-4, 4e-4, agg),
+                               rtol=1e-5, atol=1e-7)
+    assert 0 < m["clip_frac"] < 1  # whole sequences clipped with GSPO's tiny ranges
+    # The gradient through the sequence ratio: ∂s_i/∂logπ_t = s_i / |y_i| on every token of an unclipped sequence.
+    g = np.asarray(jax.grad(lambda lp: call({**d, "lp": lp}, **kw)[0])(d["lp"]), np.float64)
+    with jax.enable_x64(True):
+        g64 = jax.grad(lambda lp: np_free_gspo(lp, d, agg))(np.asarray(d["lp"], np.float64))
+    np.testing.assert_allclose(g, np.asarray(g64), rtol=1e-4, atol=1e-8)
+    # Not the token-level loss: the two differ on this batch.
+    assert abs(float(call(d, agg=agg, clip_low=3e-4, clip_high=4e-4)[0]) - float(loss)) > 1e-4
+
+
+def np_free_gspo(lp, d, agg):
+    """GSPO written directly in jax.numpy (float64), for its gradient."""
+    mask = jnp.asarray(d["mask"])
+    lengths = jnp.maximum(mask.sum(1), 1)
+    s = jnp.exp(jnp.where(mask, lp - d["old"], 0.0).sum(1) / lengths)
+    adv = jnp.asarray(d["adv"], jnp.float64)
+    pg_seq = jnp.maximum(-adv * s, -adv * jnp.clip(s, 1 - 3e-4, 1 + 4e-4))
+    pg = jnp.where(mask, pg_seq[:, None], 0.0)
+    if agg == "token-mean":
+        return pg.sum() / mask.sum()
+    nonempty = mask.any(1)
+    return jnp.sum(jnp.where(nonempty, pg.sum(1) / lengths, 0.0)) / nonempty.sum()
+
+
+def test_rollout_correction_weights_the_surrogate_per_token():
+    """Truncated importance sampling: each token's surrogate times its (constant) weight w; KL and entropy terms
+    unweighted; no gradient through w."""
+    d = make_batch(seed=6)
+    w = np.random.default_rng(0).uniform(0.2, 2.0, d["mask"].shape).astype(np.float32)
+    kw = dict(agg="token-mean", ref_logp=d["ref"], kl_coef=0.1, entropy=d["ent"], entropy_coef=0.01)
+    loss, m = call(d, rollout_weights=w, rollout_correction="token", **kw)
+    lp, old, adv, mask = (np.asarray(d[k], np.float64) for k in ("lp", "old", "adv", "mask"))
+    pg = np.zeros(mask.shape)
+    for b, t in zip(*np.nonzero(d["mask"]), strict=True):
+        pg[b, t] = w[b, t] * np_token_loss(lp[b, t], old[b, t], adv[b], 0.2, 0.2, None)[0]
+    _, plain = np_policy_loss(d["lp"], d["old"], d["adv"], d["mask"], **kw)
+    expect = np_aggregate(pg, d["mask"], "token-mean") + 0.1 * plain["kl"] - 0.01 * plain["entropy"]
+    np.testing.assert_allclose(float(loss), expect, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(m["pg_loss"]), np_aggregate(pg, d["mask"], "token-mean"), rtol=1e-5)
+    g_w = jax.grad(lambda w: call(d, rollout_weights=w, **kw)[0])(w)
+    assert not np.any(np.asarray(g_w))
+    with pytest.raises(ValueError, match="rollout_weights must have shape"):
+        call(d, rollout_weights=w[:, :-1])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(importance_sampling_level="seq"), "importance_sampling_level must be one of"),
+    (dict(rollout_correction="sequence"), "rollout_correction must be one of"),
+    (dict(rollout_correction_cap=0.0), "rollout_correction_cap must be > 0"),
+])
+def test_new_loss_options_are_checked_where_the_config_is_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        grpo.LossConfig(**kwargs)

@@ -104,7 +104,7 @@ def test_empty_groups_change_nothing_in_the_update(policy, agg):
     n, p, t = G, 3, 5
     real = learner.Batch(rng.integers(4, 20, (n, p + t)).astype(np.int32), np.ones((n, p + t), bool),
                          np.arange(t)[None, :] < rng.integers(1, t + 1, (n, 1)), np.full((n, t), -2.0, np.float32),
-                         rng.normal(size=n).astype(np.float32), np.zeros((n, 0), np.float32))
+                         rng.normal(size=n).astype(np.float32), *[np.zeros((n, 0), np.float32)] * 2)
     padded = jax.tree.map(lambda x: np.concatenate([x, np.zeros_like(x)]), real)
     results = []
     for batch, prompts in ((real, 1), (padded, 2)):

@@ -74,7 +74,7 @@ def test_overlong_training_prompts_are_dropped():
         prompts_within(problems, prompts, 1)
 
 
-@pytest.mark.parametrize(("algo", "calls"), [("sfpo", (2 + 1) * 2), ("grpo", 2)])
+@pytest.mark.parametrize(("algo", "calls"), [("sfpo", (2 + 1) * 2), ("grpo", 2), ("grpo-epochs", (2 + 1) * 2)])
 def test_loop_runs_and_logs(policy_dir, tmp_path, algo, calls):
     cfg = load_config(None, [*overrides(policy_dir, tmp_path), f"algo={algo}", "run.steps=2"])
     result = train(cfg)
@@ -82,7 +82,7 @@ def test_loop_runs_and_logs(policy_dir, tmp_path, algo, calls):
     assert [r["step"] for r in rows] == [1, 2] and rows == result.history
     assert [r["rollouts"] for r in rows] == [16, 32]
     assert all(r["optimizer_calls"] == calls for r in rows)
-    assert all(r["sfpo_active"] == (algo == "sfpo") for r in rows)
+    assert all(r["sfpo_active"] == (algo != "grpo") for r in rows)  # grpo-epochs: SFPO's schedule, α = 1
     for key in ("reward/mean", "accuracy", "zero_variance_groups", "entropy", "train/grad_norm",
                 "train/clip_frac", "train/approx_kl", "time/sample", "time/update", "time/total"):
         assert key in rows[-1], key
@@ -230,7 +230,7 @@ def test_micro_batched_update_stays_data_parallel(policy_dir):
     tx = cfg.optimizer()
     n, p, t = 64, 8, 8
     batch = learner.Batch(np.ones((n, p + t), np.int32), np.ones((n, p + t), bool), np.ones((n, t), bool),
-                          np.zeros((n, t), np.float32), np.zeros(n, np.float32), np.zeros((n, 0), np.float32))
+                          np.zeros((n, t), np.float32), np.zeros(n, np.float32), *[np.zeros((n, 0), np.float32)] * 2)
     batch = jax.device_put(batch, logical_sharding(mesh, ("batch",)))
     update = learner.make_update_fn(graphdef, tx, cfg.loss, num_micro=4)
     hlo = update.lower(params, tx.init(params), batch).compile().as_text()
@@ -260,7 +260,7 @@ def test_the_learner_reads_the_device_once_per_batch(policy_dir, monkeypatch):
     rng = np.random.default_rng(0)
     batch = learner.Batch(rng.integers(1, 10, (n, p + t)).astype(np.int32), np.ones((n, p + t), bool),
                           np.ones((n, t), bool), np.full((n, t), -2.0, np.float32),
-                          rng.normal(size=n).astype(np.float32), np.zeros((n, 0), np.float32))
+                          rng.normal(size=n).astype(np.float32), *[np.zeros((n, 0), np.float32)] * 2)
     fetches, device_get = [], jax.device_get
     monkeypatch.setattr(jax, "device_get", lambda x: fetches.append(x) or device_get(x))
     state, metrics = learner_(state, batch)
@@ -302,7 +302,7 @@ def test_model_remat_config_gives_the_same_update(policy_dir):
     n, p, t = 8, 6, 4
     batch = learner.Batch(rng.integers(3, 20, (n, p + t)).astype(np.int32), np.ones((n, p + t), bool),
                           np.ones((n, t), bool), np.full((n, t), -1.0, np.float32),
-                          rng.normal(size=n).astype(np.float32), np.zeros((n, 0), np.float32))
+                          rng.normal(size=n).astype(np.float32), *[np.zeros((n, 0), np.float32)] * 2)
     moved = []
     for remat in (False, True):
         cfg = load_config(None, [f"model.path={policy_dir}", f"model.remat={str(remat).lower()}",
@@ -360,6 +360,31 @@ def test_recomputed_old_logprobs_match_the_sampler(policy_dir, sharded):
     assert float(learner.masked_mean_abs_diff(logp, rollout.logprobs, mask)) < 1e-4
     with pytest.raises(ValueError, match="micro_batch_size=5 must divide the batch size 16"):
         learner.make_logprob_fn(graphdef, 5)(params, batch.tokens, batch.attention_mask, batch.completion_mask)
+
+
+def test_gspo_and_rollout_correction_run_end_to_end(policy_dir, tmp_path):
+    """GSPO's sequence ratio and the truncated importance weights of the rollout mismatch in a real run: float32
+    sampling and learning agree, so every weight is ~1 and none is capped."""
+    cfg = load_config(None, [*overrides(policy_dir, tmp_path), "run.steps=1", "eval.every=0",
+                             "loss.importance_sampling_level=sequence", "loss.agg=seq-mean-token-mean",
+                             "rollout.recompute_old_logprobs=true", "loss.rollout_correction=token",
+                             "loss.rollout_correction_cap=1.5"])
+    (row,) = train(cfg).history
+    assert abs(row["rollout_correction/weight_mean"] - 1.0) < 1e-3 and row["rollout_correction/capped_frac"] == 0
+    assert np.isfinite(row["train/loss"]) and row["train/grad_norm"] > 0
+
+
+def test_rollout_correction_weights_are_truncated_ratios():
+    rng = np.random.default_rng(0)
+    old, sampler = rng.normal(-2, 0.5, (4, 6)).astype(np.float32), rng.normal(-2, 0.5, (4, 6)).astype(np.float32)
+    mask = rng.random((4, 6)) < 0.7
+    w, m = learner.rollout_correction_weights(old, sampler, mask, 1.5)
+    expect = np.where(mask, np.minimum(np.exp(old.astype(np.float64) - sampler), 1.5), 0.0)
+    np.testing.assert_allclose(np.asarray(w), expect, rtol=1e-6)
+    np.testing.assert_allclose(float(m["rollout_correction/weight_mean"]), expect[mask].mean(), rtol=1e-6)
+    np.testing.assert_allclose(float(m["rollout_correction/capped_frac"]), (expect[mask] >= 1.5).mean())
+    with pytest.raises(ConfigError, match=r"needs rollout\.recompute_old_logprobs=true"):
+        load_config(None, ["loss.rollout_correction=token"])
 
 
 def test_kl_to_the_initial_policy_with_recomputed_old_logprobs(policy_dir, tmp_path):

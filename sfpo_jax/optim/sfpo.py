@@ -128,8 +128,10 @@ def sfpo(
     calls as usual. It needs ``K >= 1``.
 
     ``num_fast_steps=0`` is the inner optimizer bit for bit (GRPO): the updates pass through untouched and
-    nothing parameter-sized is stored. With donated buffers the overhead is about one copy of the params per
-    cycle (W3 in BENCHMARKS.md).
+    nothing parameter-sized is stored. A constant ``alpha=1`` keeps :math:`\theta_K`: the reposition is the
+    identity, nothing is stored, and a batch is ``(K+1)·M`` calls of the inner optimizer bit for bit, i.e. GRPO
+    with K+1 epochs per batch (the compute-matched baseline, ``algo: grpo-epochs`` in the trainer). With donated
+    buffers the overhead is about one copy of the params per cycle (W3 in BENCHMARKS.md).
 
     **Switch to GRPO.** Pass each call's mini-batch mean token entropy as ``tx.update(..., entropy=h)`` (the
     entropy of the policy being updated, on the mini-batch of that call). At the end of each batch the mean of
@@ -191,6 +193,9 @@ def sfpo(
     last_fast = K * M - 1
     use_switch = K > 0 and entropy_window is not None
     W = int(entropy_window) if use_switch else 0
+    # A constant α = 1 keeps θ_K: the reposition is the identity, so nothing is stored or moved and a batch is
+    # exactly K+1 epochs of the inner optimizer (GRPO with K+1 epochs, the compute-matched baseline).
+    repositions = K > 0 and (callable(alpha) or alpha != 1)
 
     def init_fn(params):
         return SFPOState(
@@ -200,7 +205,7 @@ def sfpo(
             active=jnp.asarray(K > 0),
             # A copy (not zeros) so that θ_s is the initial point even before the first call; jnp.copy keeps
             # each leaf's sharding.
-            slow_params=jax.tree.map(jnp.copy, params) if K > 0 else None,
+            slow_params=jax.tree.map(jnp.copy, params) if repositions else None,
             entropy_history=jnp.zeros([W], jnp.float32),
             entropy_count=jnp.zeros([], jnp.int32),
             entropy_sum=jnp.zeros([], jnp.float32),
@@ -222,28 +227,8 @@ def sfpo(
             # Bit for bit the inner optimizer: the updates are not touched at all.
             return updates, state._replace(count=new_count, num_batches=new_num_batches)
 
-        a = alpha(state.num_batches) if callable(alpha) else alpha
-        is_store = jnp.logical_and(state.active, c == 0)
-        is_repos = jnp.logical_and(state.active, c == last_fast)
-        # Selects with a scalar predicate rather than lax.cond/switch: a conditional over the updates makes them
-        # materialise as its operands (measured 5.7x adamw on CPU), while these selects fuse into the inner
-        # optimizer's loops, which LLVM unswitches on the loop-invariant predicate. On XLA:CPU (checked in the
-        # emitted IR) the store's loop is skipped outright when not storing (its output aliases θ_s in place) and
-        # the plain version of the update loop never loads θ_s, so the calls that neither store nor reposition
-        # cost what adamw costs; storing costs one read of the params and one write of θ_s, repositioning one read
-        # of θ_s (W3 in BENCHMARKS.md). With K·M = 1 the one fast call does both, and the reposition then reads
-        # the θ_s it has just stored.
-        slow = jax.tree.map(lambda s, p: jnp.where(is_store, p, s), state.slow_params, params)
-
-        def reposition(u, s, p):
-            # θ_s + α(θ_K − θ_s) − params with θ_K = params + u, in at least float32 (bf16 params round once).
-            dtype = jnp.promote_types(p.dtype, jnp.float32)
-            s, p32 = s.astype(dtype), p.astype(dtype)
-            moved = s + jnp.asarray(a, dtype) * (p32 + u.astype(dtype) - s) - p32
-            return jnp.where(is_repos, moved.astype(u.dtype), u)
-
-        new_updates = jax.tree.map(reposition, updates, slow, params)
-
+        new_updates, slow = (_store_and_reposition(updates, state, params, alpha, last_fast) if repositions
+                             else (updates, state.slow_params))
         active, history, n, h_sum = state.active, state.entropy_history, state.entropy_count, state.entropy_sum
         if use_switch and entropy is not None:
             in_last_epoch = c >= state.cycle_length - M
@@ -274,6 +259,34 @@ def sfpo(
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _store_and_reposition(updates, state: SFPOState, params, alpha, last_fast: int):
+    """``(updates, slow_params)``: θ_s stored at a cycle's call 0 (while active), and the updates of the last fast
+    call replaced by the move to θ̃ = θ_s + α(θ_K − θ_s)."""
+    c = state.count
+    a = alpha(state.num_batches) if callable(alpha) else alpha
+    is_store = jnp.logical_and(state.active, c == 0)
+    is_repos = jnp.logical_and(state.active, c == last_fast)
+    # Selects with a scalar predicate rather than lax.cond/switch: a conditional over the updates makes them
+    # materialise as its operands (measured 5.7x adamw on CPU), while these selects fuse into the inner
+    # optimizer's loops, which LLVM unswitches on the loop-invariant predicate. On XLA:CPU (checked in the
+    # emitted IR) the store's loop is skipped outright when not storing (its output aliases θ_s in place) and
+    # the plain version of the update loop never loads θ_s, so the calls that neither store nor reposition
+    # cost what adamw costs; storing costs one read of the params and one write of θ_s, repositioning one read
+    # of θ_s (W3 in BENCHMARKS.md). With K·M = 1 the one fast call does both, and the reposition then reads
+    # the θ_s it has just stored.
+    slow = jax.tree.map(lambda s, p: jnp.where(is_store, p, s), state.slow_params, params)
+
+    def reposition(u, s, p):
+        # θ_s + α(θ_K − θ_s) − params with θ_K = params + u, in at least float32 (bf16 params round once).
+        dtype = jnp.promote_types(p.dtype, jnp.float32)
+        s, p32 = s.astype(dtype), p.astype(dtype)
+        moved = s + jnp.asarray(a, dtype) * (p32 + u.astype(dtype) - s) - p32
+        return jnp.where(is_repos, moved.astype(u.dtype), u)
+
+    new_updates = jax.tree.map(reposition, updates, slow, params)
+    return new_updates, slow
 
 
 def _find_state(opt_state: Any) -> SFPOState:

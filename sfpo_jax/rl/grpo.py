@@ -87,6 +87,13 @@ class LossConfig:
       scale_adv_by_std: GRPO's std-normalised advantages (False: Dr. GRPO's mean-centred ones).
       loss_norm: the constant C of ``seq-mean-token-sum-norm`` (None: T, the completion length); only with that
         aggregation.
+      importance_sampling_level: ``token`` (PPO / GRPO: one ratio per token) or ``sequence`` (GSPO: one ratio per
+        completion, the geometric mean of its token ratios, clipped per sequence; see `policy_loss`).
+      rollout_correction: ``none``, or ``token``: truncated importance sampling of the rollout/learner mismatch
+        (the learner's old log-probs are recomputed, and each token's loss is weighted by
+        ``min(π_old / π_sampler, rollout_correction_cap)``; verl's rollout correction, TRL's vLLM importance
+        sampling).
+      rollout_correction_cap: C > 0, the weights' cap (verl's default 2).
     """
 
     clip_low: float = 0.2
@@ -99,6 +106,9 @@ class LossConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     scale_adv_by_std: bool = True
     loss_norm: float | None = None
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    rollout_correction: Literal["none", "token"] = "none"
+    rollout_correction_cap: float = 2.0
 
     def __post_init__(self):
         _check_finite_number("clip_low", self.clip_low, low=0.0, high=1.0)
@@ -113,6 +123,11 @@ class LossConfig:
             raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         if not isinstance(self.scale_adv_by_std, bool):
             raise ValueError(f"scale_adv_by_std must be a bool, got {self.scale_adv_by_std!r}")
+        for name, allowed in (("importance_sampling_level", ("token", "sequence")),
+                              ("rollout_correction", ("none", "token"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        _check_finite_number("rollout_correction_cap", self.rollout_correction_cap, low=0.0, low_inclusive=False)
         if self.agg != MICRO_BATCH_TOKEN_MEAN:
             _check_agg(self.agg, self.loss_norm)
         elif self.loss_norm is not None:
@@ -343,6 +358,7 @@ def policy_loss(
     *,
     ref_logp: Any = None,
     entropy: Any = None,
+    rollout_weights: Any = None,
     num_tokens: Any = None,
     num_seqs: Any = None,
 ) -> tuple[Array, dict[str, Array]]:
@@ -351,6 +367,7 @@ def policy_loss(
     Per real token, with ρ = exp(clamp(logπ_θ − logπ_old, −20, 20)) and advantage A:
       ℓ_pg = max(−A ρ, −A clip(ρ, 1 − clip_low, 1 + clip_high))          (PPO; clip-higher if clip_high > clip_low)
       ℓ_pg = min(ℓ_pg, −A c)   where A < 0,  if dual_clip = c            (dual clip; verl's clip_ratio_c)
+      ℓ_pg = w ℓ_pg            with rollout_weights w (truncated importance sampling of the rollout mismatch)
     and the loss is
       L = agg(ℓ_pg) + kl_coef · agg(KL_est(logπ_θ, logπ_ref)) − entropy_coef · agg(entropy)
     with one aggregation `agg` (see `aggregate`) and one denominator for all three terms, so that micro-batch
@@ -359,6 +376,12 @@ def policy_loss(
     token mean over the ``num_tokens`` that the caller passes (the learner passes each micro-batch's own count
     times the number of micro-batches).
 
+    With ``importance_sampling_level="sequence"`` (GSPO, arXiv 2507.18071, eq. 5-7) every token of completion i
+    uses its sequence ratio s_i = exp(clamp(mean_t(logπ_θ − logπ_old), −20, 20)) in place of ρ, so clipping is
+    per sequence, and ∂s_i/∂logπ_θ(y_t) = s_i / |y_i|; the ratio diagnostics are then of s_i. GSPO's objective
+    is the ``seq-mean-token-mean`` aggregation. (tunix's and verl's "GSPO-token" ratio sg(s_i)·π_θ(y_t)/sg(π_θ(y_t))
+    has the same value, and under ``seq-mean-token-mean`` the same gradient, whenever the advantages are per
+    sequence, as GRPO's are: it differs only for per-token advantages, so it is not a separate option here.)
     Args:
       logp: `[B, T]` log-probs of the completion tokens under the current policy (differentiate w.r.t. this).
       old_logp: `[B, T]` log-probs under the rollout policy (treated as constants).
@@ -370,6 +393,8 @@ def policy_loss(
         ``config.kl_coef > 0`` requires them.
       entropy: optional `[B, T]` token entropies (from `token_logprobs_and_entropy`; gradients flow through);
         ``config.entropy_coef != 0`` requires them.
+      rollout_weights: optional `[B, T]` per-token weights of the surrogate (constants), e.g. the truncated
+        importance weights ``min(π_old / π_sampler, C)`` of ``config.rollout_correction="token"``.
       num_tokens, num_seqs: optional global denominators of the aggregation (`aggregate`), e.g. a mini-batch's
         when ``logp`` is one of its micro-batches.
 
@@ -411,7 +436,11 @@ def policy_loss(
     adv = jnp.where(m, adv, 0.0)
 
     # Sanitise before exp: a masked inf/NaN must not reach any arithmetic (see the module docstring).
-    log_ratio = jnp.clip(jnp.where(m, logp - old_logp, 0.0), -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    log_ratio = jnp.where(m, logp - old_logp, 0.0)
+    if c.importance_sampling_level == "sequence":
+        lengths = jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1).astype(log_ratio.dtype)
+        log_ratio = jnp.where(m, jnp.sum(log_ratio, axis=-1, keepdims=True) / lengths, 0.0)
+    log_ratio = jnp.clip(log_ratio, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     ratio = jnp.exp(log_ratio)
     loss_unclipped = -adv * ratio
     loss_clipped = -adv * jnp.clip(ratio, 1.0 - c.clip_low, 1.0 + c.clip_high)
@@ -420,6 +449,10 @@ def policy_loss(
         dual_capped = jnp.minimum(pg, -adv * c.dual_clip)
         dual_active = m & (adv < 0) & (pg > -adv * c.dual_clip)
         pg = jnp.where(adv < 0, dual_capped, pg)
+    if rollout_weights is not None:
+        rollout_weights = jax.lax.stop_gradient(_float(rollout_weights))
+        _check_shape("rollout_weights", rollout_weights, m.shape)
+        pg = pg * jnp.where(m, rollout_weights, 0.0)
 
     agg_kw = dict(agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_norm=c.loss_norm)
     pg_loss = aggregate(pg, m, **agg_kw)

@@ -267,7 +267,9 @@ class Config:
     object's own checks apply); :func:`from_dict` reports a failure as a :class:`ConfigError` naming the field.
     """
 
-    algo: Literal["grpo", "sfpo"] = "sfpo"
+    # grpo-epochs: GRPO with K+1 epochs over each batch (sfpo.num_fast_steps = K), the compute-matched baseline:
+    # SFPO's schedule with α = 1 (no reposition, nothing stored) and no entropy switch.
+    algo: Literal["grpo", "sfpo", "grpo-epochs"] = "sfpo"
     model: PolicyConfig = PolicyConfig()
     task: TaskConfig = TaskConfig()
     sfpo: SFPOConfig = SFPOConfig()
@@ -279,8 +281,9 @@ class Config:
     run: RunConfig = RunConfig()
 
     def optimizer(self) -> optax.GradientTransformationExtraArgs:
-        """AdamW (with global-norm clipping) followed by SFPO, or by ``sfpo(num_fast_steps=0)`` for GRPO, with
-        ``rollout.num_minibatches`` calls per epoch.
+        """AdamW (with global-norm clipping) followed by SFPO, by ``sfpo(num_fast_steps=0)`` for GRPO, or by
+        ``sfpo(K, alpha=1, entropy_window=None)`` for GRPO with K+1 epochs, with ``rollout.num_minibatches`` calls
+        per epoch.
 
         The inner optimizer is wrapped in :func:`optax.apply_if_finite`: a call with non-finite gradients
         leaves the params and the inner state as they are, and SFPO, which sees a zero update, still counts the
@@ -292,8 +295,17 @@ class Config:
         inner = optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
         if o.max_grad_norm is not None:
             inner = optax.chain(optax.clip_by_global_norm(o.max_grad_norm), inner)
-        outer = self.sfpo.transform(M) if self.algo == "sfpo" else sfpo(num_fast_steps=0, num_minibatches=M)
+        outer = {"sfpo": lambda: self.sfpo.transform(M),
+                 "grpo": lambda: sfpo(num_fast_steps=0, num_minibatches=M),
+                 "grpo-epochs": lambda: sfpo(self.sfpo.num_fast_steps, alpha=1.0, num_minibatches=M,
+                                             entropy_window=None)}[self.algo]()
         return optax.chain(optax.apply_if_finite(inner, max_consecutive_errors=2**30), outer)
+
+    def __post_init__(self):
+        if self.loss.rollout_correction != "none" and not self.rollout.recompute_old_logprobs:
+            raise ValueError(f"loss.rollout_correction={self.loss.rollout_correction!r} needs "
+                             "rollout.recompute_old_logprobs=true: the weights compare the learner's old log-probs "
+                             "with the sampler's")
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ class Batch(NamedTuple):
       old_logp: ``[N, T] float32``, log-probs of the completion under the rollout policy θ_s.
       advantages: ``[N] float32``, group-normalised advantages.
       ref_logp: ``[N, T] float32`` under the reference policy, or ``[N, 0]`` when no KL term is used.
+      rollout_weights: ``[N, T] float32`` truncated importance weights ``min(π_old / π_sampler, C)`` of the
+        rollout/learner mismatch (``loss.rollout_correction="token"``), or ``[N, 0]`` when not used.
     """
 
     tokens: jax.Array
@@ -56,6 +58,7 @@ class Batch(NamedTuple):
     old_logp: jax.Array
     advantages: jax.Array
     ref_logp: jax.Array
+    rollout_weights: jax.Array
 
 
 def check_batch(batch: Batch) -> None:
@@ -100,6 +103,7 @@ def minibatch_loss(params, graphdef, batch: Batch, loss: grpo.LossConfig, num_to
     logp, entropy = completion_logprobs(model, batch.tokens, batch.attention_mask, batch.completion_mask)
     return grpo.policy_loss(logp, batch.old_logp, batch.advantages, batch.completion_mask, loss,
                             ref_logp=batch.ref_logp if loss.kl_coef > 0 else None, entropy=entropy,
+                            rollout_weights=batch.rollout_weights if loss.rollout_correction == "token" else None,
                             num_tokens=num_tokens, num_seqs=num_seqs)
 
 
@@ -230,6 +234,20 @@ def masked_mean_abs_diff(a: jax.Array, b: jax.Array, mask: jax.Array) -> jax.Arr
     return jnp.sum(jnp.where(m, jnp.abs(a - b), 0.0)) / jnp.maximum(jnp.sum(m), 1)
 
 
+@functools.partial(jax.jit, static_argnames="cap")
+def rollout_correction_weights(old_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array, cap: float
+                               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Truncated importance sampling of the rollout/learner mismatch (verl's rollout correction, TRL's vLLM
+    importance sampling): ``[N, T] float32`` weights ``min(exp(old_logp − sampler_logp), cap)`` on the real tokens
+    (0 elsewhere), and their ``rollout_correction/weight_mean`` and ``/capped_frac`` over the real tokens."""
+    m = mask.astype(bool)
+    log_w = jnp.clip(jnp.where(m, old_logp - sampler_logp, 0.0), -20.0, 20.0)
+    w = jnp.where(m, jnp.minimum(jnp.exp(log_w), cap), 0.0)
+    n = jnp.maximum(jnp.sum(m), 1)
+    return w, {"rollout_correction/weight_mean": jnp.sum(w) / n,
+               "rollout_correction/capped_frac": jnp.sum(m & (w >= cap)) / n}
+
+
 def split_minibatches(batch: Batch, num_minibatches: int) -> list[Batch]:
     """Splits a batch along its first axis into ``num_minibatches`` equal, contiguous mini-batches.
 
@@ -264,7 +282,8 @@ def make_batch(rollout, advantages: np.ndarray) -> Batch:
         completion_mask=np.asarray(rollout.mask, bool),
         old_logp=np.asarray(rollout.logprobs, np.float32),
         advantages=np.asarray(advantages, np.float32),
-        ref_logp=np.zeros((n, 0), np.float32),  # filled by the step when a KL term needs it
+        ref_logp=np.zeros((n, 0), np.float32),  # filled by the learner when a KL term needs it
+        rollout_weights=np.zeros((n, 0), np.float32),  # filled by the learner under loss.rollout_correction
     )
 
 
@@ -293,6 +312,8 @@ class Learner:
       ref_params: the frozen KL reference policy's params, or None without a KL term.
       num_minibatches: M, read from the transform's state when the learner was built.
       recompute_old_logprobs: take the ratio's denominator from the learner's forward at θ_s, not the sampler's.
+      rollout_correction_cap: C of the truncated importance weights ``min(π_old / π_sampler, C)`` that correct the
+        rollout/learner mismatch (``loss.rollout_correction="token"``), or None without the correction.
     """
 
     update: Callable
@@ -300,6 +321,7 @@ class Learner:
     ref_params: nnx.State | None
     num_minibatches: int
     recompute_old_logprobs: bool
+    rollout_correction_cap: float | None = None
 
     def __call__(self, state: TrainState, batch: Batch, *, timer: PhaseTimer | None = None
                  ) -> tuple[TrainState, dict[str, Any]]:
@@ -347,6 +369,10 @@ class Learner:
             old_logp = self.logprob_fn(params, *inputs)
             metrics["logprobs/sampler_abs_diff"] = masked_mean_abs_diff(old_logp, batch.old_logp,
                                                                         batch.completion_mask)
+            if self.rollout_correction_cap is not None:
+                weights, weight_metrics = rollout_correction_weights(old_logp, batch.old_logp, batch.completion_mask,
+                                                                     self.rollout_correction_cap)
+                batch, metrics = batch._replace(rollout_weights=weights), metrics | weight_metrics
             batch = batch._replace(old_logp=old_logp)
         if self.ref_params is not None:
             batch = batch._replace(ref_logp=self.logprob_fn(self.ref_params, *inputs))
@@ -391,6 +417,7 @@ def make_learner(model: nnx.Module, tx: optax.GradientTransformationExtraArgs, r
         ref_params=ref_params,
         num_minibatches=M,
         recompute_old_logprobs=rollout.recompute_old_logprobs,
+        rollout_correction_cap=loss.rollout_correction_cap if loss.rollout_correction == "token" else None,
     )
     return learner, TrainState(params, opt_state if mesh is None else replicate_unplaced(opt_state, mesh))
 

@@ -212,14 +212,19 @@ class Rollouts:
         width = max(r.batch.tokens.shape[1] for r in rounds)
         rows = [_left_pad(r.batch, width, self.tokenizer.pad_token_id) for r in rounds]
         if jax.process_count() > 1:
-            rows = [learner.Batch(*(all_hosts(x) for x in b[:-1]), b.ref_logp) for b in rows]
+            rows = [b._replace(**{f: all_hosts(getattr(b, f)) for f in _ROW_FIELDS}) for b in rows]
         share = P // jax.process_count()
         mine = (kept + [None] * (P - len(kept)))[jax.process_index() * share : (jax.process_index() + 1) * share]
         empty = _empty_group(rows[0], G)
         groups = [empty if k is None else jax.tree.map(lambda x, k=k: x[k[1] * G : (k[1] + 1) * G], rows[k[0]])
                   for k in mine]
         batch = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *groups)
-        return batch._replace(ref_logp=np.zeros((len(batch.advantages), 0), np.float32))
+        n = len(batch.advantages)
+        return batch._replace(ref_logp=np.zeros((n, 0), np.float32), rollout_weights=np.zeros((n, 0), np.float32))
+
+
+# The fields a rollout fills (the learner fills the others, zero-width here).
+_ROW_FIELDS = ("tokens", "attention_mask", "completion_mask", "old_logp", "advantages")
 
 
 def _left_pad(batch: learner.Batch, width: int, pad_id: int) -> learner.Batch:
