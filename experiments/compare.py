@@ -67,10 +67,11 @@ def run_all(jobs: dict[Path, list[str]], cfg, *, config: str, out: Path, workers
     interrupted ones resumed; compiled programs are shared through ``out/.jax_cache``. Returns the wall-clock
     seconds; raises naming the log of the first run that failed."""
     out.mkdir(parents=True, exist_ok=True)
-    # The warm-up policy is trained once, here, so that parallel runs do not race to build the same cache.
+    # Each warm-up policy is trained once, here, so that parallel runs do not race to build the same cache.
     from sfpo_jax.train.policy import prepare_policy
 
-    prepare_policy(cfg)
+    for overrides in sorted({tuple(a for a in extra if "=" in a and not a.startswith("-")) for extra in jobs.values()}):
+        prepare_policy(load_config(config, list(overrides)) if overrides else cfg)
     steps, compile_cache = cfg.run.steps, out / ".jax_cache"
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -114,6 +115,14 @@ def report(out: Path, seeds, *, resamples: int = RESAMPLES, **extra) -> tuple[di
     return summary, table, plots
 
 
+def warmup_seed(cfg, seed: int, args) -> list[str]:
+    """The override that makes run seed ``seed`` train (and cache) its own warm-up policy, when the policy is the
+    warm-up and ``--shared-warmup`` is not given."""
+    if cfg.model.path != "warmup" or args.shared_warmup:
+        return []
+    return [f"model.warmup.seed={seed}"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
@@ -123,6 +132,9 @@ def main(argv=None) -> int:
     p.add_argument("--algos", nargs="+", choices=ALGOS, default=list(ALGOS))
     p.add_argument("--resamples", type=int, default=RESAMPLES,
                    help="bootstrap resamples of the 95%% intervals (0: none)")
+    p.add_argument("--shared-warmup", action="store_true",
+                   help="one warm-up policy for every seed (default with model.path=warmup: seed s also seeds its "
+                        "warm-up, so that the intervals over seeds cover the warm-up's variation too)")
     p.add_argument("overrides", nargs="*", help="section.field=value applied to every run")
     args = p.parse_args(argv)
     try:
@@ -131,7 +143,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    jobs = {run_dir(out, a, s): ["--algo", a, "--seed", str(s), *args.overrides]
+    jobs = {run_dir(out, a, s): ["--algo", a, "--seed", str(s), *args.overrides, *warmup_seed(cfg, s, args)]
             for s in args.seeds for a in args.algos}
     elapsed = run_all(jobs, cfg, config=args.config, out=out, workers=args.workers)
 

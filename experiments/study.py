@@ -100,7 +100,8 @@ def paper(args, out: Path, lr: float, name: str, extra: list[str]) -> dict:
         for a in ALGOS:
             for s in args.sweep_seeds:
                 reuse(run_dir(out / "sweep" / lr_name(lr), a, s), run_dir(out / name, a, s))
-    argv = ["--config", args.config, "--seeds", *map(str, args.seeds), "--out", str(out / name),
+    # One warm-up for every run of the study, as its sweep uses: the stages reuse one another's runs.
+    argv = ["--config", args.config, "--seeds", *map(str, args.seeds), "--out", str(out / name), "--shared-warmup",
             *(["--workers", str(args.workers)] if args.workers else []),
             *args.overrides, *extra, f"optim.learning_rate={lr}"]
     if compare.main(argv) != 0:

@@ -25,6 +25,24 @@ import study  # noqa: E402
 ARITH_TINY = ROOT / "experiments" / "configs" / "arith-tiny.yaml"
 
 
+def test_each_seed_of_a_comparison_seeds_its_own_warm_up(monkeypatch, tmp_path):
+    """With the warm-up policy, seed s trains its own warm-up (model.warmup.seed=s), each prepared once before the
+    parallel runs; --shared-warmup and a checkpoint policy keep one."""
+    cfg = load_config(str(ARITH_TINY))
+    assert cfg.model.path == "warmup"
+    args = compare.argparse.Namespace(shared_warmup=False)
+    assert compare.warmup_seed(cfg, 3, args) == ["model.warmup.seed=3"]
+    assert compare.warmup_seed(cfg, 3, compare.argparse.Namespace(shared_warmup=True)) == []
+    assert compare.warmup_seed(load_config(str(ARITH_TINY), ["model.path=/x"]), 3, args) == []
+    prepared = []
+    monkeypatch.setattr("sfpo_jax.train.policy.prepare_policy", lambda c: prepared.append(c.model.warmup))
+    jobs = {tmp_path / a / f"seed{s}": ["--algo", a, "--seed", str(s), f"model.warmup.seed={s}"]
+            for s in (0, 1) for a in ("grpo", "sfpo")}
+    monkeypatch.setattr(compare, "finished_steps", lambda d: cfg.run.steps)  # every run already finished
+    compare.run_all(jobs, cfg, config=str(ARITH_TINY), out=tmp_path)
+    assert sorted(w["seed"] for w in prepared) == [0, 1]
+
+
 def test_compare_runs_both_algorithms_and_writes_the_summary(policy_dir, tmp_path, capsys):
     out = tmp_path / "cmp"
     tiny = [f"model.path={policy_dir}", "task.kwargs={num_train: 64, num_eval: 8}", "rollout.prompts_per_step=4",
