@@ -198,20 +198,31 @@ def _units(mode, tokens, attn, completion_mask, prompt_len, budget) -> list[_Uni
     return _group_units(tokens, attn, completion_mask, prompt_len, budget)
 
 
+# Bucket resolutions (mantissa bits, see `bucket`): each packed shape varies over a few sizes per octave, so a run
+# compiles few programs. Rows are cheap to vary finely (the most cells at stake); a row's length only shapes how
+# the FFD bins fill, and the LM head's cells are a fraction of the model's work.
+_ROW_BITS, _LENGTH_BITS, _LOGIT_BITS = 2, 1, 2
+# The row length at which attention's per-cell work (the einsum path scores every key of the row, segments or not:
+# 4 · L · heads · head_dim FLOPs per layer) equals the rest of a layer's (2 · its parameters): ~2750 for the bench
+# model, ~3070 for SmolLM2-135M. The layout's cost is R · L · (1 + L / _ATTENTION_LENGTH).
+_ATTENTION_LENGTH = 3072
+
+
 def _layout(mode, micro, prompt_len, max_row_tokens, row_multiple):
-    """``(R, L, units, bins)`` of the cheapest layout: fewest cells R · L, then the shortest rows. L runs over the
-    buckets from the longest rollout's real tokens (a group's indivisible unit: its prompt and one completion) up
-    to ``max_row_tokens``; R is the bucketed most bins of a micro-batch, a multiple of ``row_multiple``."""
+    """``(R, L, units, bins)`` of the cheapest layout: L over the buckets from the longest rollout's real tokens (a
+    group's indivisible unit: its prompt and one completion) up to ``max_row_tokens``; R the bucketed most bins of
+    a micro-batch, a multiple of ``row_multiple``; the cost R · L · (1 + L / _ATTENTION_LENGTH)."""
     longest = max(int(attn.sum(1).max()) for _, attn, _ in micro)
-    best, length = None, bucket(longest)
+    best, length = None, bucket(longest, _LENGTH_BITS)
     while best is None or length <= max_row_tokens:
         units = [_units(mode, *mb, prompt_len, length) for mb in micro]
         bins = [_first_fit_decreasing([len(u.tokens) for u in us], length) for us in units]
-        rows = row_multiple * bucket(-(-max(len(b) for b in bins) // row_multiple))
-        if best is None or rows * length < best[0] * best[1]:
-            best = (rows, length, units, bins)
-        length = bucket(length + 1)
-    return best
+        rows = row_multiple * bucket(-(-max(len(b) for b in bins) // row_multiple), _ROW_BITS)
+        cost = rows * length * (1 + length / _ATTENTION_LENGTH)
+        if best is None or cost < best[0]:
+            best = (cost, rows, length, units, bins)
+        length = bucket(length + 1, _LENGTH_BITS)
+    return best[1:]
 
 
 def pack(tokens: np.ndarray, attn: np.ndarray, completion_mask: np.ndarray, mode: str, *, num_micro: int = 1,
@@ -242,7 +253,7 @@ def pack(tokens: np.ndarray, attn: np.ndarray, completion_mask: np.ndarray, mode
     micro = [tuple(x[j::num_micro] for x in arrays) for j in range(num_micro)]
     rows, row_len, units, bins = _layout(mode, micro, length - t, max_row_tokens or 2 * length, row_multiple)
     per_micro = list(zip(units, bins, strict=True))
-    num_logits = bucket(max(sum(len(us[u].loss) for u in b) for us, bs in per_micro for b in bs))
+    num_logits = bucket(max(sum(len(us[u].loss) for u in b) for us, bs in per_micro for b in bs), _LOGIT_BITS)
     out = [_fill(us, bs, rows, row_len, num_logits, (n // num_micro, t)) for us, bs in per_micro]
     return Packed(*(np.stack(x) for x in zip(*out, strict=True)))
 

@@ -1,0 +1,171 @@
+"""Packed learner layouts (`sfpo_jax.train.packing`): the same log-probs, entropies, gradients and losses as the
+padded layout, from fewer token cells and a bounded number of shapes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sfpo_jax.models import CausalLM, ModelConfig
+from sfpo_jax.train import learner, packing
+
+CONFIG = ModelConfig(architecture="qwen2", vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=8, tie_word_embeddings=True, attention_bias=True)
+
+
+def ragged_batch(seed: int, num_prompts: int = 3, group_size: int = 4, p: int = 7, t: int = 6):
+    """A padded learner batch as the sampler lays it out: left-padded prompts of several lengths, each repeated
+    for its group's rows, and right-padded completions of 1 to t tokens. Returns ``(tokens, attn, completion_mask)``
+    as numpy arrays ``[N, p + t]``, ``[N, p + t]``, ``[N, t]``."""
+    rng = np.random.default_rng(seed)
+    n = num_prompts * group_size
+    tokens = rng.integers(1, CONFIG.vocab_size, (n, p + t)).astype(np.int32)
+    attn = np.zeros((n, p + t), bool)
+    for g in range(num_prompts):
+        rows = slice(g * group_size, (g + 1) * group_size)
+        tokens[rows, :p] = tokens[g * group_size, :p]
+        attn[rows, p - rng.integers(1, p + 1):p] = True
+    lengths = rng.integers(1, t + 1, n)
+    attn[:, p:] = np.arange(t)[None] < lengths[:, None]
+    return tokens, attn, attn[:, p:].copy()
+
+
+def packed_forward(model, packed: packing.Packed, completion_mask):
+    """``(logp, entropy)`` ``[N, T]`` of a packed batch, its micro-batches unpacked back into the padded order."""
+    num_micro = packed.tokens.shape[0]
+    micro_mask = learner.to_micro_batches(jnp.asarray(completion_mask), num_micro)
+    out = [packing.completion_logprobs(model, jax.tree.map(lambda x, u=u: x[u], packed), micro_mask[u])
+           for u in range(num_micro)]
+    return tuple(learner.from_micro_batches(jnp.stack(x)) for x in zip(*out, strict=True))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CausalLM(CONFIG, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("mode", ["sequences", "groups"])
+@pytest.mark.parametrize("num_micro", [1, 2])
+def test_packed_logprobs_entropies_and_gradients_equal_the_padded_layouts(model, mode, num_micro):
+    tokens, attn, mask = ragged_batch(0)
+    packed = packing.pack(tokens, attn, mask, mode, num_micro=num_micro)
+    graphdef, params = nnx.split(model)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=mask.shape), jnp.float32)
+
+    def objective(params, forward):  # a weighted sum of both outputs: every token's gradient path is exercised
+        logp, entropy = forward(nnx.merge(graphdef, params))
+        return jnp.sum(weights * (logp + 0.1 * entropy)), (logp, entropy)
+
+    padded = lambda m: learner.completion_logprobs(m, jnp.asarray(tokens), jnp.asarray(attn), jnp.asarray(mask))
+    (want, (logp, entropy)), want_grads = jax.value_and_grad(objective, has_aux=True)(params, padded)
+    (got, (p_logp, p_entropy)), grads = jax.value_and_grad(objective, has_aux=True)(
+        params, lambda m: packed_forward(m, packed, mask))
+    np.testing.assert_allclose(p_logp, logp, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(p_entropy, entropy, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(p_logp)[~mask] == 0) and np.all(np.asarray(p_entropy)[~mask] == 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(jnp.abs(w).max()))
+
+
+def test_sequences_hold_each_rollouts_real_tokens_once_and_groups_each_prompt_once_per_segment():
+    tokens, attn, mask = ragged_batch(2, num_prompts=4, group_size=4)
+    p = tokens.shape[1] - mask.shape[1]
+    prompts = {tuple(tokens[i, :p][attn[i, :p]]) for i in range(0, len(tokens), 4)}
+    seq = packing.pack(tokens, attn, mask, "sequences")
+    assert int((seq.segments > 0).sum()) == int(attn.sum())
+    for num_micro in (1, 2):
+        groups = packing.pack(tokens, attn, mask, "groups", num_micro=num_micro)
+        assert int((groups.branches > 0).sum()) == int(mask.sum())  # each completion once
+        segments = [(u, r, s) for u in range(num_micro) for r in range(groups.tokens.shape[1])
+                    for s in set(groups.segments[u, r]) - {0}]
+        for u, r, s in segments:  # a segment is one prompt, once, then its completions
+            cells = groups.segments[u, r] == s
+            assert tuple(groups.tokens[u, r][cells & (groups.branches[u, r] == 0)]) in prompts
+        assert int((groups.segments > 0).sum()) < int(attn.sum())
+        assert int(groups.target_mask.sum()) == int(mask.sum())
+    # One group that fits a row: its prompt's cells appear once.
+    one = packing.pack(tokens[:4], attn[:4], mask[:4], "groups")
+    assert int((one.segments > 0).sum()) == int(attn[0, :p].sum()) + int(mask[:4].sum())
+
+
+def test_a_completion_sees_its_prompt_and_itself_only():
+    """Rows of `attention_mask` for one segment: a prompt of 2 cells (branch 0), then completions 1 and 2 of 2 and 1
+    cells, then a second segment of 1 cell and a padding cell."""
+    segments = jnp.asarray([1, 1, 1, 1, 1, 2, 0])
+    branches = jnp.asarray([0, 0, 1, 1, 2, 0, 0])
+    got = np.asarray(packing.attention_mask(segments, branches)).astype(int)
+    want = np.asarray([[1, 0, 0, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0, 0, 0],
+                       [1, 1, 1, 0, 0, 0, 0],
+                       [1, 1, 1, 1, 0, 0, 0],
+                       [1, 1, 0, 0, 1, 0, 0],
+                       [0, 0, 0, 0, 0, 1, 0],
+                       [0, 0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_positions_restart_per_sequence_and_continue_from_the_prompt_in_a_group():
+    tokens, attn, mask = ragged_batch(3, num_prompts=1, group_size=3)
+    p = tokens.shape[1] - mask.shape[1]
+    prompt_len, lengths = int(attn[0, :p].sum()), mask.sum(1)
+    groups = packing.pack(tokens, attn, mask, "groups")
+    row = groups.positions[0, 0]
+    want = np.concatenate([np.arange(prompt_len), *(prompt_len + np.arange(c) for c in lengths)])
+    np.testing.assert_array_equal(row[: len(want)], want)
+    seq = packing.pack(tokens, attn, mask, "sequences")
+    for r in range(seq.tokens.shape[1]):
+        for s in set(seq.segments[0, r]) - {0}:
+            cells = seq.segments[0, r] == s
+            np.testing.assert_array_equal(seq.positions[0, r][cells], np.arange(cells.sum()))
+
+
+def test_buckets_are_few_per_octave_and_close_above():
+    sizes = [packing.bucket(n) for n in range(1, 4097)]
+    assert all(n <= b <= max(n * 1.125, n) for n, b in zip(range(1, 4097), sizes, strict=True))
+    assert len({b for b in sizes if 1024 < b <= 2048}) == 8
+    assert packing.bucket(1000) == 1024 and packing.bucket(1025) == 1152
+
+
+def test_packed_shapes_come_from_a_few_buckets():
+    """60 batches of random prompt and completion lengths (a run's steps) give a bounded set of `(R, L, K)` shapes
+    (the programs the learner compiles), not one per batch; R is a multiple of `row_multiple`, L within the row
+    budget, and every cell is a real token or padding accounted for."""
+    for mode in ("sequences", "groups"):
+        shapes = set()
+        for seed in range(60):
+            tokens, attn, mask = ragged_batch(seed, num_prompts=8, group_size=4, p=24, t=40)
+            packed = packing.pack(tokens, attn, mask, mode, num_micro=2, row_multiple=2)
+            assert packed.tokens.shape[1] % 2 == 0 and packed.tokens.shape[2] <= 2 * 64
+            assert packed.targets.shape[2] <= packed.tokens.shape[2]
+            shapes.add((packed.tokens.shape, packed.targets.shape))
+        assert len(shapes) <= 16, (mode, sorted(shapes))
+
+
+def test_a_long_group_is_split_into_sub_groups_within_the_row_budget(model):
+    tokens, attn, mask = ragged_batch(4, num_prompts=1, group_size=8, p=8, t=8)
+    packed = packing.pack(tokens, attn, mask, "groups", max_row_tokens=24)
+    assert packed.tokens.shape[2] <= 24
+    prompt_len = int(attn[0, :8].sum())
+    copies = int((packed.segments > 0).sum() - mask.sum()) // prompt_len
+    assert copies > 1 and int((packed.segments > 0).sum() - mask.sum()) == copies * prompt_len
+    logp, _ = packed_forward(model, packed, mask)
+    want, _ = learner.completion_logprobs(model, jnp.asarray(tokens), jnp.asarray(attn), jnp.asarray(mask))
+    np.testing.assert_allclose(logp, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_refuses_what_it_cannot_lay_out():
+    tokens, attn, mask = ragged_batch(5)
+    with pytest.raises(ValueError, match="must be one of"):
+        packing.pack(tokens, attn, mask, "none")
+    with pytest.raises(ValueError, match="12 rows do not split into 5"):
+        packing.pack(tokens, attn, mask, "sequences", num_micro=5)
+    hole = attn.copy()
+    hole[0, -mask.shape[1]] = False  # the completion's first token is padding, its second a loss token
+    hole_mask = mask.copy()
+    hole_mask[0, :2] = [False, True]
+    with pytest.raises(ValueError, match="row 0: a loss token's predicting slot is padding"):
+        packing.pack(tokens, hole, hole_mask, "sequences")
