@@ -34,12 +34,12 @@ def ragged_batch(seed: int, num_prompts: int = 3, group_size: int = 4, p: int = 
 
 
 def packed_forward(model, packed: packing.Packed, completion_mask):
-    """``(logp, entropy)`` ``[N, T]`` of a packed batch, its micro-batches unpacked back into the padded order."""
-    num_micro = packed.tokens.shape[0]
-    micro_mask = learner.to_micro_batches(jnp.asarray(completion_mask), num_micro)
-    out = [packing.completion_logprobs(model, jax.tree.map(lambda x, u=u: x[u], packed), micro_mask[u])
-           for u in range(num_micro)]
-    return tuple(learner.from_micro_batches(jnp.stack(x)) for x in zip(*out, strict=True))
+    """``(logp, entropy)`` ``[N, T]`` of a packed batch, its micro-batches put back into the batch's row order."""
+    mask = jnp.asarray(completion_mask)
+    out = [packing.completion_logprobs(model, jax.tree.map(lambda x, u=u: x[u], packed), mask[rows])
+           for u, rows in enumerate(packed.rows)]
+    order = np.argsort(packed.rows.reshape(-1))
+    return tuple(jnp.concatenate(x)[order] for x in zip(*out, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +48,10 @@ def model():
 
 
 @pytest.mark.parametrize("mode", ["sequences", "groups"])
-@pytest.mark.parametrize("num_micro", [1, 2])
-def test_packed_logprobs_entropies_and_gradients_equal_the_padded_layouts(model, mode, num_micro):
+@pytest.mark.parametrize("num_micro,strided", [(1, False), (2, False), (2, True)])
+def test_packed_logprobs_entropies_and_gradients_equal_the_padded_layouts(model, mode, num_micro, strided):
     tokens, attn, mask = ragged_batch(0)
-    packed = packing.pack(tokens, attn, mask, mode, num_micro=num_micro)
+    packed = packing.pack(tokens, attn, mask, mode, num_micro=num_micro, strided=strided)
     graphdef, params = nnx.split(model)
     weights = jnp.asarray(np.random.default_rng(1).normal(size=mask.shape), jnp.float32)
 
@@ -77,8 +77,8 @@ def test_sequences_hold_each_rollouts_real_tokens_once_and_groups_each_prompt_on
     prompts = {tuple(tokens[i, :p][attn[i, :p]]) for i in range(0, len(tokens), 4)}
     seq = packing.pack(tokens, attn, mask, "sequences")
     assert int((seq.segments > 0).sum()) == int(attn.sum())
-    for num_micro in (1, 2):
-        groups = packing.pack(tokens, attn, mask, "groups", num_micro=num_micro)
+    for num_micro, strided in ((1, False), (2, False), (2, True)):
+        groups = packing.pack(tokens, attn, mask, "groups", num_micro=num_micro, strided=strided)
         assert int((groups.branches > 0).sum()) == int(mask.sum())  # each completion once
         segments = [(u, r, s) for u in range(num_micro) for r in range(groups.tokens.shape[1])
                     for s in set(groups.segments[u, r]) - {0}]
@@ -90,6 +90,14 @@ def test_sequences_hold_each_rollouts_real_tokens_once_and_groups_each_prompt_on
     # One group that fits a row: its prompt's cells appear once.
     one = packing.pack(tokens[:4], attn[:4], mask[:4], "groups")
     assert int((one.segments > 0).sum()) == int(attn[0, :p].sum()) + int(mask[:4].sum())
+    # Contiguous micro-batches keep the groups whole (2 of the 4 in each); strided ones split every group in two,
+    # so more prompt copies.
+    np.testing.assert_array_equal(packing.pack(tokens, attn, mask, "groups", num_micro=2).rows,
+                                  np.arange(16).reshape(2, 8))
+    strided = packing.pack(tokens, attn, mask, "groups", num_micro=2, strided=True)
+    np.testing.assert_array_equal(strided.rows, np.arange(16).reshape(8, 2).T)
+    prompt_cells = lambda packed: int((packed.branches == 0).sum() - (packed.segments == 0).sum())
+    assert prompt_cells(strided) > prompt_cells(packing.pack(tokens, attn, mask, "groups", num_micro=2))
 
 
 def test_a_completion_sees_its_prompt_and_itself_only():

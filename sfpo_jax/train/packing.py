@@ -50,6 +50,7 @@ class Packed(NamedTuple):
       target_mask: ``[U, R, K] bool``, real targets.
       unpack: ``[U, n, T] int32``, for completion token t of the micro-batch's row i, its index into the
         flattened ``[R * K]`` targets (0 where the padded layout's ``completion_mask`` is 0).
+      rows: ``[U, n] int32``, the batch rows of each micro-batch, in order (a partition of the N rows).
     """
 
     tokens: np.ndarray
@@ -60,6 +61,7 @@ class Packed(NamedTuple):
     targets: np.ndarray
     target_mask: np.ndarray
     unpack: np.ndarray
+    rows: np.ndarray
 
 
 def attention_mask(segments: jax.Array, branches: jax.Array) -> jax.Array:
@@ -226,15 +228,17 @@ def _layout(mode, micro, prompt_len, max_row_tokens, row_multiple):
 
 
 def pack(tokens: np.ndarray, attn: np.ndarray, completion_mask: np.ndarray, mode: str, *, num_micro: int = 1,
-         max_row_tokens: int | None = None, row_multiple: int = 1) -> Packed:
+         strided: bool = False, max_row_tokens: int | None = None, row_multiple: int = 1) -> Packed:
     """Packs a padded learner batch into ``mode``'s layout, micro-batch by micro-batch.
 
     Args:
       tokens: ``[N, P + T] int32``; attn: ``[N, P + T] bool`` real tokens; completion_mask: ``[N, T] bool``
         (as in :class:`sfpo_jax.train.learner.Batch`, on the host).
       mode: ``"sequences"`` or ``"groups"`` (see the module docstring).
-      num_micro: U, the micro-batches the learner splits the rows into (strided, as
-        :func:`sfpo_jax.train.learner.to_micro_batches`); each is packed on its own.
+      num_micro: U, the micro-batches the rows are split into; each is packed on its own.
+      strided: micro-batch j holds rows j, j + U, … (the padded layout's split,
+        :func:`sfpo_jax.train.learner.to_micro_batches`); else the U contiguous blocks of rows, which keep a
+        group's rows together. Only an objective that reads the split (``micro-batch-token-mean``) needs the former.
       max_row_tokens: the most cells per packed row (default ``2 · (P + T)``; at least the longest rollout's real
         tokens, rounded up to a bucket): attention's cost per cell grows with the row.
       row_multiple: R is a multiple of it (the mesh's batch shards).
@@ -250,17 +254,20 @@ def pack(tokens: np.ndarray, attn: np.ndarray, completion_mask: np.ndarray, mode
     if n % num_micro:
         raise ValueError(f"{n} rows do not split into {num_micro} equal micro-batches")
     arrays = [np.asarray(tokens), np.asarray(attn, bool), np.asarray(completion_mask, bool)]
-    micro = [tuple(x[j::num_micro] for x in arrays) for j in range(num_micro)]
-    rows, row_len, units, bins = _layout(mode, micro, length - t, max_row_tokens or 2 * length, row_multiple)
+    rows = np.arange(n, dtype=np.int32).reshape((-1, num_micro) if strided else (num_micro, -1))
+    rows = rows.T if strided else rows  # [U, n]
+    micro = [tuple(x[r] for x in arrays) for r in rows]
+    num_rows, row_len, units, bins = _layout(mode, micro, length - t, max_row_tokens or 2 * length, row_multiple)
     per_micro = list(zip(units, bins, strict=True))
     num_logits = bucket(max(sum(len(us[u].loss) for u in b) for us, bs in per_micro for b in bs), _LOGIT_BITS)
-    out = [_fill(us, bs, rows, row_len, num_logits, (n // num_micro, t)) for us, bs in per_micro]
-    return Packed(*(np.stack(x) for x in zip(*out, strict=True)))
+    out = [_fill(us, bs, num_rows, row_len, num_logits, (n // num_micro, t)) for us, bs in per_micro]
+    return Packed(*(np.stack(x) for x in zip(*out, strict=True)), rows=np.ascontiguousarray(rows))
 
 
 def _fill(units: list[_Unit], bins: list[list[int]], rows: int, cells: int, num_logits: int,
-          unpacked: tuple[int, int]) -> Packed:
-    """One micro-batch's :class:`Packed` arrays (no ``U`` axis) with ``units`` placed row by row as ``bins``."""
+          unpacked: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """One micro-batch's :class:`Packed` arrays but ``rows`` (no ``U`` axis), ``units`` placed row by row as
+    ``bins``."""
     grid = [np.zeros((rows, cells), np.int32) for _ in range(4)]  # tokens, positions, segments, branches
     logit = [np.zeros((rows, num_logits), dt) for dt in (np.int32, np.int32, bool)]
     unpack = np.zeros(unpacked, np.int32)
@@ -275,7 +282,7 @@ def _fill(units: list[_Unit], bins: list[list[int]], rows: int, cells: int, num_
             logit[0][r, ks], logit[1][r, ks], logit[2][r, ks] = start + cell, target, True
             unpack[row, t] = r * num_logits + ks
             start, k = end, k + len(cell)
-    return Packed(*grid, *logit, unpack)
+    return (*grid, *logit, unpack)
 
 
 def cells(packed: Packed) -> int:
