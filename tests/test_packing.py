@@ -6,10 +6,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from sfpo_jax.models import CausalLM, ModelConfig
+from sfpo_jax.parallel import logical_sharding, make_mesh
+from sfpo_jax.rl import grpo
 from sfpo_jax.train import learner, packing
 
 CONFIG = ModelConfig(architecture="qwen2", vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -177,3 +180,98 @@ def test_packing_refuses_what_it_cannot_lay_out():
     hole_mask[0, :2] = [False, True]
     with pytest.raises(ValueError, match="row 0: a loss token's predicting slot is padding"):
         packing.pack(tokens, hole, hole_mask, "sequences")
+
+
+def learner_batch(seed: int, **kw) -> learner.Batch:
+    """`ragged_batch` with old / reference log-probs and advantages, a zero-advantage group among them."""
+    tokens, attn, mask = ragged_batch(seed, **kw)
+    rng = np.random.default_rng(seed + 100)
+    logp = lambda: np.where(mask, -rng.uniform(0.5, 4.0, mask.shape), 0).astype(np.float32)
+    advantages = rng.normal(size=len(tokens)).astype(np.float32)
+    advantages[:4] = 0  # the first group: every reward alike
+    return learner.Batch(tokens, attn, mask, logp(), advantages, logp())
+
+
+def gradient_capture() -> optax.GradientTransformationExtraArgs:
+    """An "optimizer" that moves nothing and keeps the latest gradient as its state (a params difference would
+    round the gradient to the params' float32 spacing)."""
+    return optax.GradientTransformationExtraArgs(
+        lambda params: jax.tree.map(jnp.zeros_like, params),
+        lambda grads, state, params=None, **extra: (jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+def run_update(graphdef, params, batch, loss, num_micro, layout, sharding=None):
+    """One update: ``(grads, metrics)``."""
+    tx = gradient_capture()
+    if sharding is not None:
+        batch, layout = jax.device_put((batch, layout), sharding)
+    _, grads, metrics = learner.make_update_fn(graphdef, tx, loss, num_micro)(
+        jax.tree.map(jnp.copy, params), tx.init(params), batch, layout)
+    return jax.device_get((grads, metrics))
+
+
+def assert_same_update(got, want):
+    """Every metric to 1e-5 relative; the gradient to 1e-5 relative, leaf by leaf in norm and per entry against
+    its leaf's scale."""
+    (grads, metrics), (want_grads, want_metrics) = got, want
+    assert metrics.keys() == want_metrics.keys()
+    for name in want_metrics:
+        np.testing.assert_allclose(metrics[name], want_metrics[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w) + 1e-12
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+
+
+LOSSES = [grpo.LossConfig(agg=agg, kl_coef=0.1, entropy_coef=0.01) for agg in
+          (*grpo.AGGREGATIONS, grpo.MICRO_BATCH_TOKEN_MEAN)] + [grpo.LossConfig(entropy_coef=0.0)]
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda c: f"{c.agg}-kl{c.kl_coef}-ent{c.entropy_coef}")
+@pytest.mark.parametrize("num_micro", [1, 2])
+def test_a_packed_update_is_the_padded_update(model, loss, num_micro):
+    """Metrics (loss, KL, entropy, clip fractions, grad norm, ...) and the gradient equal the padded layout's, in
+    each mode, for every aggregation, with and without micro-batches, KL and the entropy bonus on (and both off)."""
+    batch = learner_batch(6)
+    graphdef, params = nnx.split(model)
+    want = run_update(graphdef, params, batch, loss, num_micro, None)
+    for mode in ("sequences", "groups"):
+        strided = loss.agg == grpo.MICRO_BATCH_TOKEN_MEAN  # the one objective that reads the split
+        layout = packing.pack(batch.tokens, batch.attention_mask, batch.completion_mask, mode,
+                              num_micro=num_micro, strided=strided)
+        assert_same_update(run_update(graphdef, params, batch, loss, num_micro, layout), want)
+
+
+@pytest.mark.parametrize("loss", [LOSSES[0], LOSSES[4]], ids=lambda c: c.agg)
+def test_a_packed_update_on_an_8_device_mesh_is_the_one_device_padded_update(model, loss):
+    mesh = make_mesh(data=8)
+    batch = learner_batch(7, num_prompts=4)
+    graphdef, params = nnx.split(model)
+    want = run_update(graphdef, params, batch, loss, 2, None)
+    sharding = jax.tree.map(lambda _: logical_sharding(mesh, ("batch",)), batch)
+    for mode in ("sequences", "groups"):
+        layout = packing.pack(batch.tokens, batch.attention_mask, batch.completion_mask, mode, num_micro=2,
+                              strided=loss.agg == grpo.MICRO_BATCH_TOKEN_MEAN, row_multiple=8)
+        layout_sharding = jax.tree.map(lambda _: logical_sharding(mesh, (None, "batch")), layout)
+        assert_same_update(run_update(graphdef, params, batch, loss, 2, layout, (sharding, layout_sharding)), want)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-device", "data-parallel"])
+def test_the_old_and_reference_logprob_pass_reads_the_same_layout(model, sharded):
+    mesh = make_mesh(data=8) if sharded else None
+    batch = learner_batch(8, num_prompts=4)
+    graphdef, params = nnx.split(model)
+    logprob_fn = learner.make_logprob_fn(graphdef, micro_batch_size=8)  # 2 micro-batches
+    inputs = (batch.tokens, batch.attention_mask, batch.completion_mask)
+    want = logprob_fn(params, *inputs)
+    for mode in ("sequences", "groups"):
+        layout = packing.pack(*inputs, mode, num_micro=2, row_multiple=8 if sharded else 1)
+        again = packing.pack(*inputs, mode, num_micro=2, row_multiple=8 if sharded else 1)
+        for a, b in zip(layout, again, strict=True):  # a pure function of the batch: resume replays it
+            np.testing.assert_array_equal(a, b)
+        args = (*inputs, layout)
+        if sharded:
+            args = (*jax.device_put(inputs, logical_sharding(mesh, ("batch",))),
+                    jax.device_put(layout, logical_sharding(mesh, (None, "batch"))))
+        got = logprob_fn(params, *args)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert np.all(np.asarray(got)[~batch.completion_mask] == 0)

@@ -27,6 +27,7 @@ from flax import nnx
 from sfpo_jax.optim import calls_per_batch, minibatches_per_epoch, sfpo_active
 from sfpo_jax.parallel import logical_sharding, num_shards, replicate_unplaced
 from sfpo_jax.rl import grpo
+from sfpo_jax.train import packing
 from sfpo_jax.train.metrics import PhaseTimer
 
 
@@ -93,14 +94,33 @@ def completion_logprobs(model, batch_tokens, attention_mask, completion_mask):
     return grpo.token_logprobs_and_entropy(logits, batch_tokens[:, -T:], completion_mask)
 
 
-def minibatch_loss(params, graphdef, batch: Batch, loss: grpo.LossConfig, num_tokens, num_seqs):
+def minibatch_loss(params, graphdef, batch: Batch, loss: grpo.LossConfig, num_tokens, num_seqs,
+                   layout: packing.Packed | None = None):
     """The GRPO loss of one micro-batch, normalised by the denominators that make the micro-batch losses (and
-    their gradients) add up to the mini-batch's (see :func:`sfpo_jax.rl.aggregate`)."""
+    their gradients) add up to the mini-batch's (see :func:`sfpo_jax.rl.aggregate`). With ``layout`` (this
+    micro-batch's packed layout) the model computes that instead of ``batch.tokens``: the same log-probs."""
     model = nnx.merge(graphdef, params)
-    logp, entropy = completion_logprobs(model, batch.tokens, batch.attention_mask, batch.completion_mask)
+    logp, entropy = _logprobs(model, batch, layout)
     return grpo.policy_loss(logp, batch.old_logp, batch.advantages, batch.completion_mask, loss,
                             ref_logp=batch.ref_logp if loss.kl_coef > 0 else None, entropy=entropy,
                             num_tokens=num_tokens, num_seqs=num_seqs)
+
+
+def _logprobs(model, batch: Batch, layout: packing.Packed | None):
+    if layout is None:
+        return completion_logprobs(model, batch.tokens, batch.attention_mask, batch.completion_mask)
+    return packing.completion_logprobs(model, layout, batch.completion_mask)
+
+
+def micro_batches(batch: Batch, num_micro: int, layout: packing.Packed | None) -> Batch:
+    """``batch`` as ``[num_micro, N // num_micro, ...]`` micro-batches: strided (:func:`to_micro_batches`), or
+    the rows of ``layout.rows`` (a packed layout's partition; any partition gives the same mini-batch objective
+    but ``micro-batch-token-mean``'s, for which `packing.pack` keeps the strided one)."""
+    if layout is None:
+        return jax.tree.map(lambda x: to_micro_batches(x, num_micro), batch)
+    if layout.rows.shape[0] != num_micro:
+        raise ValueError(f"the packed layout has {layout.rows.shape[0]} micro-batches, the update {num_micro}")
+    return jax.tree.map(lambda x: x[layout.rows], batch)
 
 
 # Metrics of `grpo.policy_loss` that are already normalised by the whole mini-batch (they add up over its
@@ -130,32 +150,34 @@ def make_update_fn(graphdef, tx: optax.GradientTransformationExtraArgs, loss: gr
     (``lax.scan``, so memory is that of one micro-batch), then ``tx.update`` with the mini-batch's mean token
     entropy (what SFPO's switch watches), then ``apply_updates``. Params and optimizer state are donated.
 
-    Returns ``update(params, opt_state, batch) -> (params, opt_state, metrics)``; ``metrics`` are float32
-    scalars: those of :func:`sfpo_jax.rl.policy_loss` over the whole mini-batch (independent of ``num_micro``)
-    and ``grad_norm``, the global norm of the gradient before clipping.
+    Returns ``update(params, opt_state, batch, layout=None) -> (params, opt_state, metrics)``; ``metrics`` are
+    float32 scalars: those of :func:`sfpo_jax.rl.policy_loss` over the whole mini-batch (independent of
+    ``num_micro``) and ``grad_norm``, the global norm of the gradient before clipping. ``layout``: the mini-batch
+    packed (:func:`sfpo_jax.train.packing.pack` with ``num_micro`` micro-batches), which the model then computes
+    instead of the padded rows, for the same objective. Compiled once per shape.
     """
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def update(params, opt_state, batch: Batch):
+    def update(params, opt_state, batch: Batch, layout: packing.Packed | None = None):
         check_batch(batch)
-        micro = jax.tree.map(lambda x: to_micro_batches(x, num_micro), batch)
+        micro = micro_batches(batch, num_micro, layout)
         micro_tokens = micro.completion_mask.sum(axis=(1, 2)).astype(jnp.float32)
         # Rows with a completion token: every sampled row has one (its first token, or EOS); the empty groups that
         # pad a short filtered batch and the completions masked as truncated have none, and weigh nothing.
         num_seqs = jnp.maximum(jnp.sum(jnp.any(batch.completion_mask, axis=1)), 1).astype(jnp.float32)
         grad_fn = jax.value_and_grad(minibatch_loss, has_aux=True)
 
-        def accumulate(grads, mb_and_tokens):
-            mb, tokens = mb_and_tokens
+        def accumulate(grads, xs):
+            mb, tokens, mb_layout = xs
             if loss.agg == grpo.MICRO_BATCH_TOKEN_MEAN:  # verl: each micro-batch's token mean / num_micro
                 num_tokens = jnp.maximum(tokens, 1) * num_micro
             else:
                 num_tokens = jnp.maximum(micro_tokens.sum(), 1)
-            (_, metrics), g = grad_fn(params, graphdef, Batch(*mb), loss, num_tokens, num_seqs)
+            (_, metrics), g = grad_fn(params, graphdef, Batch(*mb), loss, num_tokens, num_seqs, mb_layout)
             return jax.tree.map(jnp.add, grads, g), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, metrics = jax.lax.scan(accumulate, zeros, (tuple(micro), micro_tokens))
+        grads, metrics = jax.lax.scan(accumulate, zeros, (tuple(micro), micro_tokens, layout))
         metrics = reduce_micro_metrics(metrics, micro_tokens)
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params, entropy=metrics["entropy"])
@@ -199,25 +221,34 @@ def make_logprob_fn(graphdef, micro_batch_size: int | None):
       micro_batch_size: rows per forward pass; None: the whole batch at once. Must divide the batch size.
 
     Returns:
-      ``logprob_fn(params, tokens, attention_mask, completion_mask) -> [N, T] float32``, with the inputs as in
-      :class:`Batch` (``tokens``/``attention_mask`` ``[N, P+T]``, ``completion_mask`` ``[N, T]``), zero where
-      ``completion_mask`` is 0, the temperature-1 log-probs the sampler reports. Compiled once per shape.
+      ``logprob_fn(params, tokens, attention_mask, completion_mask, layout=None) -> [N, T] float32``, with the
+      inputs as in :class:`Batch` (``tokens``/``attention_mask`` ``[N, P+T]``, ``completion_mask`` ``[N, T]``),
+      zero where ``completion_mask`` is 0, the temperature-1 log-probs the sampler reports. ``layout``: the batch
+      packed (:func:`sfpo_jax.train.packing.pack`, ``N / micro_batch_size`` micro-batches), computed instead of
+      the padded rows. Compiled once per shape.
     """
 
     @jax.jit
-    def logprob_fn(params, tokens, attention_mask, completion_mask):
+    def logprob_fn(params, tokens, attention_mask, completion_mask, layout: packing.Packed | None = None):
         num_micro = micro_batches_per_minibatch(tokens.shape[0], micro_batch_size, what="batch size")
-        micro = tuple(to_micro_batches(x, num_micro) for x in (tokens, attention_mask, completion_mask))
+        batch = Batch(tokens, attention_mask, completion_mask, *(jnp.zeros(tokens.shape[:1]),) * 3)
+        micro = micro_batches(batch, num_micro, layout)
 
-        def forward(mb):
+        def forward(xs):
+            mb, mb_layout = xs
             model = nnx.merge(graphdef, params)
             # No backward pass here, so nothing to rematerialise; and nnx.remat inside lax.map would have to update
             # params that belong to the enclosing trace (a TraceContextError).
             model.remat = False
-            logp, _ = completion_logprobs(model, *mb)  # the entropy is dead code to XLA
+            logp, _ = _logprobs(model, Batch(*mb), mb_layout)  # the entropy is dead code to XLA
             return logp
 
-        return from_micro_batches(jax.lax.map(forward, micro))
+        logp = jax.lax.map(forward, (tuple(micro), layout))
+        if layout is None:
+            return from_micro_batches(logp)
+        # The layout's rows are a partition of the batch: scatter each micro-batch's rows back to their place.
+        return jnp.zeros(completion_mask.shape, jnp.float32).at[layout.rows.reshape(-1)].set(
+            logp.reshape(-1, logp.shape[-1]))
 
     return logprob_fn
 
