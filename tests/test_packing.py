@@ -93,10 +93,13 @@ def test_sequences_hold_each_rollouts_real_tokens_once_and_groups_each_prompt_on
     # One group that fits a row: its prompt's cells appear once.
     one = packing.pack(tokens[:4], attn[:4], mask[:4], "groups")
     assert int((one.segments > 0).sum()) == int(attn[0, :p].sum()) + int(mask[:4].sum())
-    # Contiguous micro-batches keep the groups whole (2 of the 4 in each); strided ones split every group in two,
-    # so more prompt copies.
-    np.testing.assert_array_equal(packing.pack(tokens, attn, mask, "groups", num_micro=2).rows,
-                                  np.arange(16).reshape(2, 8))
+    # Balanced micro-batches keep the groups whole (2 of the 4 in each); strided ones split every group in two, so
+    # more prompt copies.
+    rows = packing.pack(tokens, attn, mask, "groups", num_micro=2).rows
+    np.testing.assert_array_equal(np.sort(rows.reshape(-1)), np.arange(16))
+    for micro in rows:  # two whole groups of 4 rows each
+        groups = sorted({int(r) // 4 for r in micro})
+        assert len(groups) == 2 and sorted(micro) == [r for g in groups for r in range(4 * g, 4 * g + 4)]
     strided = packing.pack(tokens, attn, mask, "groups", num_micro=2, strided=True)
     np.testing.assert_array_equal(strided.rows, np.arange(16).reshape(8, 2).T)
     prompt_cells = lambda packed: int((packed.branches == 0).sum() - (packed.segments == 0).sum())
@@ -275,3 +278,75 @@ def test_the_old_and_reference_logprob_pass_reads_the_same_layout(model, sharded
         got = logprob_fn(params, *args)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         assert np.all(np.asarray(got)[~batch.completion_mask] == 0)
+
+
+@pytest.fixture(scope="module")
+def padded_run(policy_dir, tmp_path_factory):
+    return train_with(policy_dir, tmp_path_factory.mktemp("none"), "rollout.packing=none")
+
+
+def train_with(policy_dir, out, *extra):
+    """Two SFPO steps of the trainer on the tiny policy: 2 mini-batches of 2 micro-batches, the old log-probs
+    recomputed and a KL term, so that the update and both log-prob passes run in the configured layout. A small
+    learning rate: Adam's first steps are ~lr · sign(g), so a gradient entry near 0, where float rounding decides
+    the sign, moves by up to 2 lr between two layouts (the update tests check the gradients themselves)."""
+    from sfpo_jax.train import load_config, train
+    from tests.test_train import overrides
+
+    cfg = load_config(None, [*overrides(policy_dir, out), "run.steps=2", "eval.every=0", "run.checkpoint_every=0",
+                             "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.micro_batch_size=4",
+                             "rollout.recompute_old_logprobs=true", "loss.kl_coef=0.05", "optim.learning_rate=1e-4",
+                             *extra])
+    return train(cfg)
+
+
+@pytest.mark.parametrize("extra", [["rollout.packing=sequences"], ["rollout.packing=groups"],
+                                   ["rollout.packing=groups", "mesh.data=8"]], ids=["sequences", "groups", "mesh"])
+def test_the_trainer_learns_the_same_in_every_layout(policy_dir, tmp_path, padded_run, extra):
+    from sfpo_jax.train import deterministic
+
+    packed = train_with(policy_dir, tmp_path, *extra)
+    for got, want in zip(packed.history, padded_run.history, strict=True):
+        got, want = deterministic(got), deterministic(want)
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+    a, b = nnx.state(packed.model, nnx.Param), nnx.state(padded_run.model, nnx.Param)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=0)
+
+
+def test_the_fused_attention_path_takes_the_packed_mask(model, monkeypatch):
+    """`model.attention: cudnn` hands the packed `[R, L, L]` mask to `attend_fused` as it hands the padded one (cuDNN
+    reads it as a bias: `jax.nn.dot_product_attention` has no segment ids): with JAX's reference in place of the
+    kernel (no GPU here) and float32 operands, the packed log-probs are the padded einsum path's."""
+    from sfpo_jax.models import transformer
+
+    fused, calls = transformer.attend_fused, []
+
+    def reference(q, k, v, mask, dtype):
+        calls.append(mask.shape)
+        return fused(q, k, v, mask, dtype, implementation="xla")
+
+    monkeypatch.setattr(transformer, "attend_fused", reference)
+    tokens, attn, mask = ragged_batch(9)
+    want, _ = learner.completion_logprobs(model, jnp.asarray(tokens), jnp.asarray(attn), jnp.asarray(mask))
+    graphdef, state = nnx.split(model)
+    cudnn = nnx.merge(graphdef, state)
+    cudnn.attention = "cudnn"
+    packed = packing.pack(tokens, attn, mask, "groups")
+    got, _ = packed_forward(cudnn, packed, mask)
+    assert calls and all(shape == (*packed.tokens.shape[1:], packed.tokens.shape[2]) for shape in calls)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_micro_batches_balance_the_real_tokens():
+    """Micro-batches are packed to one shape, so the fullest sets it: whole groups are spread so that the micro-
+    batches' real tokens are close. Two long groups and two short ones over two micro-batches of two groups: one
+    long group in each (contiguous blocks would put both long ones in the first)."""
+    tokens, attn, _ = ragged_batch(10, num_prompts=4, group_size=2, p=4, t=16)
+    attn[:, 4:] = False
+    attn[:4, 4:] = True  # groups 0 and 1: 16-token completions; groups 2 and 3: 1 token
+    attn[4:, 4] = True
+    rows = packing.pack(tokens, attn, attn[:, 4:].copy(), "groups", num_micro=2).rows
+    assert [len({0, 1} & {int(r) // 2 for r in micro}) for micro in rows] == [1, 1]

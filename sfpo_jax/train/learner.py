@@ -324,6 +324,7 @@ class Learner:
       ref_params: the frozen KL reference policy's params, or None without a KL term.
       num_minibatches: M, read from the transform's state when the learner was built.
       recompute_old_logprobs: take the ratio's denominator from the learner's forward at θ_s, not the sampler's.
+      layouts: the packed layouts the model computes (``rollout.packing``); None: the padded rows.
     """
 
     update: Callable
@@ -331,6 +332,7 @@ class Learner:
     ref_params: nnx.State | None
     num_minibatches: int
     recompute_old_logprobs: bool
+    layouts: Layouts | None = None
 
     def __call__(self, state: TrainState, batch: Batch, *, timer: PhaseTimer | None = None
                  ) -> tuple[TrainState, dict[str, Any]]:
@@ -350,17 +352,22 @@ class Learner:
         timer = timer if timer is not None else PhaseTimer()
         params, opt_state = state
         device_metrics = {}
+        host = None if self.layouts is None else jax.device_get(batch[:3])  # tokens and masks, to pack
         if self.logprob_fn is not None:
             with timer("logprobs"):
-                batch, device_metrics = self._extra_logprobs(params, batch)
+                layout = None if host is None else self.layouts.logprob_pass(*host)
+                batch, device_metrics = self._extra_logprobs(params, batch, layout)
         with timer("update"):
             active, num_calls = sfpo_active(opt_state), calls_per_batch(opt_state)
             minibatches = split_minibatches(batch, self.num_minibatches)
+            layouts = ([None] * self.num_minibatches if host is None else
+                       self.layouts.minibatches(*host, self.num_minibatches))
             calls = []
             # The SFPO transform's cycle and the mini-batches are both counted from the batch's first call: a
             # non-finite call still counts (see `Config.optimizer`), so call c is mini-batch c % M.
             for call in range(num_calls):
-                params, opt_state, m = self.update(params, opt_state, minibatches[call % self.num_minibatches])
+                c = call % self.num_minibatches
+                params, opt_state, m = self.update(params, opt_state, minibatches[c], layouts[c])
                 calls.append(m)
             # One host sync for the whole step, after the last call: the host queues every call without waiting.
             calls, device_metrics, nonfinite = jax.device_get((calls, device_metrics, _nonfinite_state(opt_state)))
@@ -370,10 +377,11 @@ class Learner:
                    **{k: float(v) for k, v in device_metrics.items()}}
         return TrainState(params, opt_state), metrics
 
-    def _extra_logprobs(self, params, batch: Batch) -> tuple[Batch, dict[str, jax.Array]]:
+    def _extra_logprobs(self, params, batch: Batch, layout) -> tuple[Batch, dict[str, jax.Array]]:
         """The batch with its old log-probs recomputed at θ_s (``params``, not yet updated this step) and / or the
-        reference policy's log-probs filled in; the sampler-vs-learner gap as a device scalar."""
-        inputs, metrics = (batch.tokens, batch.attention_mask, batch.completion_mask), {}
+        reference policy's log-probs filled in, computed in ``layout`` (None: the padded rows); the
+        sampler-vs-learner gap as a device scalar."""
+        inputs, metrics = (batch.tokens, batch.attention_mask, batch.completion_mask, layout), {}
         if self.recompute_old_logprobs:
             old_logp = self.logprob_fn(params, *inputs)
             metrics["logprobs/sampler_abs_diff"] = masked_mean_abs_diff(old_logp, batch.old_logp,
@@ -383,6 +391,56 @@ class Learner:
             batch = batch._replace(ref_logp=self.logprob_fn(self.ref_params, *inputs))
         jax.block_until_ready(batch)  # so that the phase's time is the passes', not the next phase's
         return batch, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Layouts:
+    """The learner's packed layouts (``rollout.packing``, :mod:`sfpo_jax.train.packing`) of a batch's host copy,
+    placed with their rows over the mesh's batch shards: one for the log-prob pass, one per mini-batch.
+
+    Attributes:
+      mode: ``"sequences"`` or ``"groups"``; max_row_tokens: ``rollout.packing_row_tokens``.
+      sharding: of a layout's ``[U, R, ...]`` arrays (rows over the batch axes), or None.
+      num_micro: micro-batches per mini-batch in the update; logprob_micro: per batch in the log-prob pass.
+      strided: the update's micro-batches are the padded layout's (``micro-batch-token-mean`` reads the split).
+    """
+
+    mode: str
+    max_row_tokens: int | None
+    sharding: Any
+    num_micro: int
+    logprob_micro: int
+    strided: bool
+
+    def pack(self, tokens, attention_mask, completion_mask, num_micro: int, strided: bool) -> packing.Packed:
+        row_multiple = 1 if self.sharding is None else num_shards(self.sharding, 1)
+        packed = packing.pack(tokens, attention_mask, completion_mask, self.mode, num_micro=num_micro,
+                              strided=strided, max_row_tokens=self.max_row_tokens, row_multiple=row_multiple)
+        return jax.device_put(packed, self.sharding)
+
+    def logprob_pass(self, tokens, attention_mask, completion_mask) -> packing.Packed:
+        """The whole batch's layout (its micro-batches' rows are free: the pass's output is per row)."""
+        return self.pack(tokens, attention_mask, completion_mask, self.logprob_micro, False)
+
+    def minibatches(self, tokens, attention_mask, completion_mask, num_minibatches: int) -> list[packing.Packed]:
+        """One layout per contiguous mini-batch (:func:`split_minibatches`)."""
+        size = tokens.shape[0] // num_minibatches
+        return [self.pack(*(x[m * size:(m + 1) * size] for x in (tokens, attention_mask, completion_mask)),
+                          self.num_micro, self.strided) for m in range(num_minibatches)]
+
+
+def make_layouts(rollout, loss: grpo.LossConfig, mesh, num_micro: int) -> Layouts | None:
+    """The learner's :class:`Layouts` for ``rollout.packing`` (None for ``"none"``)."""
+    if rollout.packing == "none":
+        return None
+    if jax.process_count() > 1:
+        raise ValueError(f"rollout.packing={rollout.packing!r} packs on one host, and a multi-process run feeds each "
+                         "process's rows from its own: use rollout.packing=none")
+    rows = rollout.prompts_per_step * rollout.group_size
+    return Layouts(rollout.packing, rollout.packing_row_tokens,
+                   None if mesh is None else logical_sharding(mesh, (None, "batch")), num_micro,
+                   micro_batches_per_minibatch(rows, rollout.micro_batch_size, what="batch size"),
+                   loss.agg == grpo.MICRO_BATCH_TOKEN_MEAN)
 
 
 def make_learner(model: nnx.Module, tx: optax.GradientTransformationExtraArgs, rollout, loss: grpo.LossConfig, *,
@@ -422,6 +480,7 @@ def make_learner(model: nnx.Module, tx: optax.GradientTransformationExtraArgs, r
         ref_params=ref_params,
         num_minibatches=M,
         recompute_old_logprobs=rollout.recompute_old_logprobs,
+        layouts=make_layouts(rollout, loss, mesh, num_micro),
     )
     return learner, TrainState(params, opt_state if mesh is None else replicate_unplaced(opt_state, mesh))
 

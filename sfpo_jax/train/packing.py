@@ -237,8 +237,9 @@ def pack(tokens: np.ndarray, attn: np.ndarray, completion_mask: np.ndarray, mode
       mode: ``"sequences"`` or ``"groups"`` (see the module docstring).
       num_micro: U, the micro-batches the rows are split into; each is packed on its own.
       strided: micro-batch j holds rows j, j + U, … (the padded layout's split,
-        :func:`sfpo_jax.train.learner.to_micro_batches`); else the U contiguous blocks of rows, which keep a
-        group's rows together. Only an objective that reads the split (``micro-batch-token-mean``) needs the former.
+        :func:`sfpo_jax.train.learner.to_micro_batches`); else whole groups (or as much of each as the micro-batch
+        size allows) balanced over the micro-batches by real tokens. Only an objective that reads the split
+        (``micro-batch-token-mean``) needs the former.
       max_row_tokens: the most cells per packed row (default ``2 · (P + T)``; at least the longest rollout's real
         tokens, rounded up to a bucket): attention's cost per cell grows with the row.
       row_multiple: R is a multiple of it (the mesh's batch shards).
@@ -254,14 +255,39 @@ def pack(tokens: np.ndarray, attn: np.ndarray, completion_mask: np.ndarray, mode
     if n % num_micro:
         raise ValueError(f"{n} rows do not split into {num_micro} equal micro-batches")
     arrays = [np.asarray(tokens), np.asarray(attn, bool), np.asarray(completion_mask, bool)]
-    rows = np.arange(n, dtype=np.int32).reshape((-1, num_micro) if strided else (num_micro, -1))
-    rows = rows.T if strided else rows  # [U, n]
+    if strided:
+        rows = np.arange(n, dtype=np.int32).reshape(-1, num_micro).T  # [U, n]
+    else:
+        rows = _balanced_rows(mode, *arrays[:2], length - t, num_micro)
     micro = [tuple(x[r] for x in arrays) for r in rows]
     num_rows, row_len, units, bins = _layout(mode, micro, length - t, max_row_tokens or 2 * length, row_multiple)
     per_micro = list(zip(units, bins, strict=True))
     num_logits = bucket(max(sum(len(us[u].loss) for u in b) for us, bs in per_micro for b in bs), _LOGIT_BITS)
     out = [_fill(us, bs, num_rows, row_len, num_logits, (n // num_micro, t)) for us, bs in per_micro]
     return Packed(*(np.stack(x) for x in zip(*out, strict=True)), rows=np.ascontiguousarray(rows))
+
+
+def _balanced_rows(mode, tokens, attn, prompt_len, num_micro) -> np.ndarray:
+    """``[U, n] int32``: the rows split into ``num_micro`` micro-batches of equal row counts and near-equal real
+    tokens (every micro-batch is packed to the same shape, so the fullest one sets it). Rows move in chunks of
+    consecutive rows that share a prompt (one row in ``"sequences"``; in ``"groups"`` as much of a group as the
+    chunk size, the gcd of the micro-batch size and the group sizes, allows), largest chunk first into the
+    least-loaded micro-batch with room."""
+    n = tokens.shape[0] // num_micro
+    same = [i > 0 and mode == "groups" and np.array_equal(tokens[i, :prompt_len][attn[i, :prompt_len]],
+                                                          tokens[i - 1, :prompt_len][attn[i - 1, :prompt_len]])
+            for i in range(tokens.shape[0])]
+    starts = [i for i, s in enumerate(same) if not s] + [tokens.shape[0]]
+    size = int(np.gcd.reduce([n, *np.diff(starts)]))
+    chunks = np.arange(tokens.shape[0]).reshape(-1, size)
+    prompt = lambda c: attn[c, :prompt_len].sum() if mode == "sequences" else attn[c[0], :prompt_len].sum()
+    weight = [int(attn[c, prompt_len:].sum() + prompt(c)) for c in chunks]
+    load, members = np.zeros(num_micro), [[] for _ in range(num_micro)]
+    for c in sorted(range(len(chunks)), key=lambda c: -weight[c]):
+        u = min((u for u in range(num_micro) if len(members[u]) < n // size), key=lambda u: load[u])
+        members[u].append(c)
+        load[u] += weight[c]
+    return np.stack([np.sort(chunks[m].reshape(-1)) for m in members]).astype(np.int32)
 
 
 def _fill(units: list[_Unit], bins: list[list[int]], rows: int, cells: int, num_logits: int,
