@@ -153,10 +153,12 @@ def test_packed_shapes_come_from_a_few_buckets():
         for seed in range(60):
             tokens, attn, mask = ragged_batch(seed, num_prompts=8, group_size=4, p=24, t=40)
             packed = packing.pack(tokens, attn, mask, mode, num_micro=2, row_multiple=2)
-            assert packed.tokens.shape[1] % 2 == 0 and packed.tokens.shape[2] <= 2 * 64
+            assert packed.tokens.shape[1] % 2 == 0 and packed.tokens.shape[2] <= 4 * 64
             assert packed.targets.shape[2] <= packed.tokens.shape[2]
             shapes.add((packed.tokens.shape, packed.targets.shape))
-        assert len(shapes) <= 16, (mode, sorted(shapes))
+        for (_, rows, length), (_, _, logits) in shapes:  # sizes of the bucket grid, 4 per octave
+            assert all(packing.bucket(x, 2) == x for x in (rows // 2, length, logits))
+        assert len(shapes) <= 24, (mode, sorted(shapes))
 
 
 def test_a_long_group_is_split_into_sub_groups_within_the_row_budget(model):

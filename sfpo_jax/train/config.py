@@ -155,7 +155,7 @@ class RolloutConfig:
     # How the learner lays the batch out (`sfpo_jax.train.packing`): "none", every rollout a padded [P + T] row;
     # "sequences", each rollout's real tokens as a segment of a packed row; "groups", a group's prompt once followed
     # by its completions. The same objective in all three; packed rows hold at most `packing_row_tokens` tokens
-    # (None: 2 (P + T)).
+    # (None: 4 (P + T)).
     packing: Literal["none", "sequences", "groups"] = "none"
     packing_row_tokens: int | None = None
 

@@ -416,7 +416,12 @@ class Layouts:
         row_multiple = 1 if self.sharding is None else num_shards(self.sharding, 1)
         packed = packing.pack(tokens, attention_mask, completion_mask, self.mode, num_micro=num_micro,
                               strided=strided, max_row_tokens=self.max_row_tokens, row_multiple=row_multiple)
-        return jax.device_put(packed, self.sharding)
+        if self.sharding is None:
+            return jax.device_put(packed)
+        # The packed rows over the batch shards (R is a multiple of them); the small index maps of the padded rows
+        # (a micro-batch may have fewer rows than shards) replicated.
+        replicated = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(packed, packing.Packed(*[self.sharding] * 7, replicated, replicated))
 
     def logprob_pass(self, tokens, attention_mask, completion_mask) -> packing.Packed:
         """The whole batch's layout (its micro-batches' rows are free: the pass's output is per row)."""

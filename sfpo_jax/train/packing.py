@@ -200,10 +200,10 @@ def _units(mode, tokens, attn, completion_mask, prompt_len, budget) -> list[_Uni
     return _group_units(tokens, attn, completion_mask, prompt_len, budget)
 
 
-# Bucket resolutions (mantissa bits, see `bucket`): each packed shape varies over a few sizes per octave, so a run
-# compiles few programs. Rows are cheap to vary finely (the most cells at stake); a row's length only shapes how
-# the FFD bins fill, and the LM head's cells are a fraction of the model's work.
-_ROW_BITS, _LENGTH_BITS, _LOGIT_BITS = 2, 1, 2
+# Bucket resolutions (mantissa bits, see `bucket`): each packed shape varies over 4 sizes per octave, so a run
+# compiles few programs. (Rows of 2 lengths per octave cost W7's groups layout 1.54x its distinct tokens at 8
+# rollouts per micro-batch, 4 lengths 1.35x: a micro-batch of one group fills one row, so the length is the fill.)
+_ROW_BITS, _LENGTH_BITS, _LOGIT_BITS = 2, 2, 2
 # The row length at which attention's per-cell work (the einsum path scores every key of the row, segments or not:
 # 4 · L · heads · head_dim FLOPs per layer) equals the rest of a layer's (2 · its parameters): ~2750 for the bench
 # model, ~3070 for SmolLM2-135M. The layout's cost is R · L · (1 + L / _ATTENTION_LENGTH).
@@ -240,8 +240,9 @@ def pack(tokens: np.ndarray, attn: np.ndarray, completion_mask: np.ndarray, mode
         :func:`sfpo_jax.train.learner.to_micro_batches`); else whole groups (or as much of each as the micro-batch
         size allows) balanced over the micro-batches by real tokens. Only an objective that reads the split
         (``micro-batch-token-mean``) needs the former.
-      max_row_tokens: the most cells per packed row (default ``2 · (P + T)``; at least the longest rollout's real
-        tokens, rounded up to a bucket): attention's cost per cell grows with the row.
+      max_row_tokens: the most cells per packed row (default ``4 · (P + T)``; at least the longest rollout's real
+        tokens, rounded up to a bucket). Within it the layout's cost model picks the length (attention's work per
+        cell grows with it); the cap bounds the ``[R, L, L]`` attention scores' memory.
       row_multiple: R is a multiple of it (the mesh's batch shards).
 
     Returns:
@@ -260,7 +261,7 @@ def pack(tokens: np.ndarray, attn: np.ndarray, completion_mask: np.ndarray, mode
     else:
         rows = _balanced_rows(mode, *arrays[:2], length - t, num_micro)
     micro = [tuple(x[r] for x in arrays) for r in rows]
-    num_rows, row_len, units, bins = _layout(mode, micro, length - t, max_row_tokens or 2 * length, row_multiple)
+    num_rows, row_len, units, bins = _layout(mode, micro, length - t, max_row_tokens or 4 * length, row_multiple)
     per_micro = list(zip(units, bins, strict=True))
     num_logits = bucket(max(sum(len(us[u].loss) for u in b) for us, bs in per_micro for b in bs), _LOGIT_BITS)
     out = [_fill(us, bs, num_rows, row_len, num_logits, (n // num_micro, t)) for us, bs in per_micro]
