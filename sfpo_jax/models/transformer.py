@@ -357,12 +357,14 @@ class CausalLM(nnx.Module):
         return KVCache.init(c.num_layers, batch_size, max_length, c.num_kv_heads, c.head_dim, dtype or self.dtype)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, *, cache: KVCache | None = None, logits_to_keep: int = 0):
+                 positions: jax.Array | None = None, *, cache: KVCache | None = None, logits_to_keep: int = 0,
+                 logits_at: jax.Array | None = None):
         """Logits for `input_ids [B, T] int32`.
 
         Args:
           attention_mask: `[B, T]`, 1 for real tokens and 0 for padding (batches are left-padded); all ones
-            when None.
+            when None. Or, without a cache, `[B, T, T] bool`: whether query t may attend to key s, causality
+            included, the caller's (e.g. packed sequences: `sfpo_jax.train.packing`); `positions` are then required.
           positions: `[B, T] int32` RoPE positions; by default `cumsum(mask) - 1` (clipped at 0), counted on
             from `cache.num_tokens` in cached mode.
           cache: when given, the T tokens are appended to it at slots `[cache.index, cache.index + T)` and attend
@@ -370,30 +372,23 @@ class CausalLM(nnx.Module):
           logits_to_keep: as in transformers: N > 0 computes the logits of the last N positions only (the final
             norm and the LM head skip the others); 0 keeps all T. A learner scoring a T'-token completion needs the
             last T' + 1: the LM head is the largest product of the model, and a prompt's positions are wasted in it.
+          logits_at: `[B, K] int32`, the positions whose logits to compute, in any order and possibly repeated (a
+            packed row's predicting positions); the final norm and the LM head see those K positions only.
         Returns:
-          `logits [B, T, V] float32` (`[B, min(N, T), V]` with `logits_to_keep=N`), or `(logits, new_cache)` when
-          `cache` is given.
+          `logits [B, T, V] float32` (`[B, min(N, T), V]` with `logits_to_keep=N`, `[B, K, V]` with `logits_at`),
+          or `(logits, new_cache)` when `cache` is given.
         """
         b, t = input_ids.shape
         if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
-        mask = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
-        offset = 0 if cache is None else cache.num_tokens[:, None]
-        max_position = None  # unknown for caller-given positions
-        if positions is None:
-            positions = jnp.maximum(offset + jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
-            max_position = t if cache is None else cache.max_length  # a row has at most that many real tokens
-        query_slot = jnp.arange(t)[:, None]  # [T, 1]
-        if cache is None:
-            attn_mask = (jnp.arange(t)[None, :] <= query_slot)[None] & mask[:, None, :]  # [B, T, T]
-            kv = index = None
+        if logits_to_keep and logits_at is not None:
+            raise ValueError("give logits_to_keep or logits_at, not both")
+        if attention_mask is not None and attention_mask.ndim == 3:
+            attn_mask = self._check_full_mask(attention_mask, positions, cache, (b, t))
+            kv = index = max_position = None
         else:
-            if t > cache.max_length:
-                raise ValueError(f"{t} new tokens do not fit a cache of max_length={cache.max_length}")
-            kv_mask = lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
-            visible = jnp.arange(cache.max_length)[None, :] <= cache.index + query_slot  # [T, S]
-            attn_mask = visible[None] & kv_mask[:, None, :]
-            kv, index = (cache.k, cache.v), cache.index
+            mask = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
+            positions, max_position, attn_mask, kv, index, kv_mask = _padding_mask(mask, positions, cache)
 
         rope = rope_angles(positions, rope_inv_freq(self.config), max_position)
         # Rematerialisation only pays in a backward pass; the cached (sampling) path has none, and nnx.remat cannot
@@ -406,6 +401,8 @@ class CausalLM(nnx.Module):
             x, kv = call(layer, x, rope, attn_mask, kv, i, index, self.attention)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
+        elif logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None].astype(jnp.int32), axis=1)  # [B, K, E]
         x = self.norm(x)
         if self.lm_head is None and x.shape[1] == 1:
             # Decode step: with the [V, E] table as the left operand XLA:CPU streams it about 1.7× faster than as a
@@ -420,6 +417,40 @@ class CausalLM(nnx.Module):
         new_cache = KVCache(k=kv[0], v=kv[1], mask=kv_mask, num_tokens=cache.num_tokens + mask.sum(-1, jnp.int32),
                             index=cache.index + t)
         return logits, new_cache
+
+    @staticmethod
+    def _check_full_mask(attention_mask, positions, cache, shape) -> jax.Array:
+        """A caller's `[B, T, T]` attention mask, checked: cache-less, with explicit positions."""
+        if cache is not None:
+            raise ValueError("a [B, T, T] attention_mask is for a call without a cache")
+        if positions is None:
+            raise ValueError("a [B, T, T] attention_mask needs explicit positions [B, T]")
+        if attention_mask.shape != (*shape, shape[1]) or positions.shape != shape:
+            raise ValueError(f"attention_mask {attention_mask.shape} and positions {positions.shape} must be "
+                             f"{(*shape, shape[1])} and {shape} for input_ids {shape}")
+        return attention_mask.astype(jnp.bool_)
+
+
+def _padding_mask(mask: jax.Array, positions: jax.Array | None, cache: KVCache | None):
+    """What `CausalLM.__call__` attends by from a `[B, T]` padding mask: `(positions, max_position, attn_mask,
+    kv, index, kv_mask)`, the positions counted over real tokens unless given, the attention causal over real keys
+    (this call's `[B, T, T]`, or `[B, T, S]` over the cache's slots with this call's written in)."""
+    t = mask.shape[1]
+    offset = 0 if cache is None else cache.num_tokens[:, None]
+    max_position = None  # unknown for caller-given positions
+    if positions is None:
+        positions = jnp.maximum(offset + jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, 0)
+        max_position = t if cache is None else cache.max_length  # a row has at most that many real tokens
+    query_slot = jnp.arange(t)[:, None]  # [T, 1]
+    if cache is None:
+        attn_mask = (jnp.arange(t)[None, :] <= query_slot)[None] & mask[:, None, :]  # [B, T, T]
+        return positions, max_position, attn_mask, None, None, None
+    if t > cache.max_length:
+        raise ValueError(f"{t} new tokens do not fit a cache of max_length={cache.max_length}")
+    kv_mask = lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
+    visible = jnp.arange(cache.max_length)[None, :] <= cache.index + query_slot  # [T, S]
+    attn_mask = visible[None] & kv_mask[:, None, :]
+    return positions, max_position, attn_mask, (cache.k, cache.v), cache.index, kv_mask
 
 
 # The parameters that are matrix-product operands (`einsum_f32`); the others (biases, norm scales) are added or

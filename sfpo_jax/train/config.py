@@ -29,6 +29,7 @@ import yaml
 from sfpo_jax.optim import sfpo
 from sfpo_jax.rl import LossConfig
 from sfpo_jax.sampling import SamplingConfig
+from sfpo_jax.train.packing import PACKING
 
 
 class ConfigError(ValueError):
@@ -172,15 +173,24 @@ class RolloutConfig:
     mask_truncated: bool = False
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    # How the learner lays the batch out (`sfpo_jax.train.packing`): "none", every rollout a padded [P + T] row;
+    # "sequences", each rollout's real tokens as a segment of a packed row; "groups", a group's prompt once followed
+    # by its completions. The same objective in all three; packed rows hold at most `packing_row_tokens` tokens
+    # (None: 4 (P + T)).
+    packing: Literal["none", "sequences", "groups"] = "none"
+    packing_row_tokens: int | None = None
 
     def __post_init__(self):
+        if self.packing not in PACKING:
+            raise ValueError(f"packing={self.packing!r} must be one of {PACKING}")
         if self.group_size < 2:
             raise ValueError(f"group_size={self.group_size} must be >= 2: GRPO's advantage is a reward minus its "
                              "group's mean, so a group of one has no learning signal")
         checks = [("prompts_per_step", self.prompts_per_step >= 1), ("max_prompt_length", self.max_prompt_length >= 1),
                   ("num_minibatches", self.num_minibatches >= 1),
                   ("micro_batch_size", self.micro_batch_size is None or self.micro_batch_size >= 1),
-                  ("generation_batch_size", self.generation_batch_size is None or self.generation_batch_size >= 1)]
+                  ("generation_batch_size", self.generation_batch_size is None or self.generation_batch_size >= 1),
+                  ("packing_row_tokens", self.packing_row_tokens is None or self.packing_row_tokens >= 1)]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")

@@ -27,6 +27,7 @@ from flax import nnx
 from sfpo_jax.optim import calls_per_batch, minibatches_per_epoch, sfpo_active
 from sfpo_jax.parallel import logical_sharding, num_shards, replicate_unplaced
 from sfpo_jax.rl import grpo
+from sfpo_jax.train import packing
 from sfpo_jax.train.metrics import PhaseTimer
 
 
@@ -96,15 +97,34 @@ def completion_logprobs(model, batch_tokens, attention_mask, completion_mask):
     return grpo.token_logprobs_and_entropy(logits, batch_tokens[:, -T:], completion_mask)
 
 
-def minibatch_loss(params, graphdef, batch: Batch, loss: grpo.LossConfig, num_tokens, num_seqs):
+def minibatch_loss(params, graphdef, batch: Batch, loss: grpo.LossConfig, num_tokens, num_seqs,
+                   layout: packing.Packed | None = None):
     """The GRPO loss of one micro-batch, normalised by the denominators that make the micro-batch losses (and
-    their gradients) add up to the mini-batch's (see :func:`sfpo_jax.rl.aggregate`)."""
+    their gradients) add up to the mini-batch's (see :func:`sfpo_jax.rl.aggregate`). With ``layout`` (this
+    micro-batch's packed layout) the model computes that instead of ``batch.tokens``: the same log-probs."""
     model = nnx.merge(graphdef, params)
-    logp, entropy = completion_logprobs(model, batch.tokens, batch.attention_mask, batch.completion_mask)
+    logp, entropy = _logprobs(model, batch, layout)
     return grpo.policy_loss(logp, batch.old_logp, batch.advantages, batch.completion_mask, loss,
                             ref_logp=batch.ref_logp if loss.kl_coef > 0 else None, entropy=entropy,
                             rollout_weights=batch.rollout_weights if loss.rollout_correction == "token" else None,
                             num_tokens=num_tokens, num_seqs=num_seqs)
+
+
+def _logprobs(model, batch: Batch, layout: packing.Packed | None):
+    if layout is None:
+        return completion_logprobs(model, batch.tokens, batch.attention_mask, batch.completion_mask)
+    return packing.completion_logprobs(model, layout, batch.completion_mask)
+
+
+def micro_batches(batch: Batch, num_micro: int, layout: packing.Packed | None) -> Batch:
+    """``batch`` as ``[num_micro, N // num_micro, ...]`` micro-batches: strided (:func:`to_micro_batches`), or
+    the rows of ``layout.rows`` (a packed layout's partition; any partition gives the same mini-batch objective
+    but ``micro-batch-token-mean``'s, for which `packing.pack` keeps the strided one)."""
+    if layout is None:
+        return jax.tree.map(lambda x: to_micro_batches(x, num_micro), batch)
+    if layout.rows.shape[0] != num_micro:
+        raise ValueError(f"the packed layout has {layout.rows.shape[0]} micro-batches, the update {num_micro}")
+    return jax.tree.map(lambda x: x[layout.rows], batch)
 
 
 # Metrics of `grpo.policy_loss` that are already normalised by the whole mini-batch (they add up over its
@@ -134,32 +154,34 @@ def make_update_fn(graphdef, tx: optax.GradientTransformationExtraArgs, loss: gr
     (``lax.scan``, so memory is that of one micro-batch), then ``tx.update`` with the mini-batch's mean token
     entropy (what SFPO's switch watches), then ``apply_updates``. Params and optimizer state are donated.
 
-    Returns ``update(params, opt_state, batch) -> (params, opt_state, metrics)``; ``metrics`` are float32
-    scalars: those of :func:`sfpo_jax.rl.policy_loss` over the whole mini-batch (independent of ``num_micro``)
-    and ``grad_norm``, the global norm of the gradient before clipping.
+    Returns ``update(params, opt_state, batch, layout=None) -> (params, opt_state, metrics)``; ``metrics`` are
+    float32 scalars: those of :func:`sfpo_jax.rl.policy_loss` over the whole mini-batch (independent of
+    ``num_micro``) and ``grad_norm``, the global norm of the gradient before clipping. ``layout``: the mini-batch
+    packed (:func:`sfpo_jax.train.packing.pack` with ``num_micro`` micro-batches), which the model then computes
+    instead of the padded rows, for the same objective. Compiled once per shape.
     """
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def update(params, opt_state, batch: Batch):
+    def update(params, opt_state, batch: Batch, layout: packing.Packed | None = None):
         check_batch(batch)
-        micro = jax.tree.map(lambda x: to_micro_batches(x, num_micro), batch)
+        micro = micro_batches(batch, num_micro, layout)
         micro_tokens = micro.completion_mask.sum(axis=(1, 2)).astype(jnp.float32)
         # Rows with a completion token: every sampled row has one (its first token, or EOS); the empty groups that
         # pad a short filtered batch and the completions masked as truncated have none, and weigh nothing.
         num_seqs = jnp.maximum(jnp.sum(jnp.any(batch.completion_mask, axis=1)), 1).astype(jnp.float32)
         grad_fn = jax.value_and_grad(minibatch_loss, has_aux=True)
 
-        def accumulate(grads, mb_and_tokens):
-            mb, tokens = mb_and_tokens
+        def accumulate(grads, xs):
+            mb, tokens, mb_layout = xs
             if loss.agg == grpo.MICRO_BATCH_TOKEN_MEAN:  # verl: each micro-batch's token mean / num_micro
                 num_tokens = jnp.maximum(tokens, 1) * num_micro
             else:
                 num_tokens = jnp.maximum(micro_tokens.sum(), 1)
-            (_, metrics), g = grad_fn(params, graphdef, Batch(*mb), loss, num_tokens, num_seqs)
+            (_, metrics), g = grad_fn(params, graphdef, Batch(*mb), loss, num_tokens, num_seqs, mb_layout)
             return jax.tree.map(jnp.add, grads, g), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, metrics = jax.lax.scan(accumulate, zeros, (tuple(micro), micro_tokens))
+        grads, metrics = jax.lax.scan(accumulate, zeros, (tuple(micro), micro_tokens, layout))
         metrics = reduce_micro_metrics(metrics, micro_tokens)
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params, entropy=metrics["entropy"])
@@ -203,25 +225,34 @@ def make_logprob_fn(graphdef, micro_batch_size: int | None):
       micro_batch_size: rows per forward pass; None: the whole batch at once. Must divide the batch size.
 
     Returns:
-      ``logprob_fn(params, tokens, attention_mask, completion_mask) -> [N, T] float32``, with the inputs as in
-      :class:`Batch` (``tokens``/``attention_mask`` ``[N, P+T]``, ``completion_mask`` ``[N, T]``), zero where
-      ``completion_mask`` is 0, the temperature-1 log-probs the sampler reports. Compiled once per shape.
+      ``logprob_fn(params, tokens, attention_mask, completion_mask, layout=None) -> [N, T] float32``, with the
+      inputs as in :class:`Batch` (``tokens``/``attention_mask`` ``[N, P+T]``, ``completion_mask`` ``[N, T]``),
+      zero where ``completion_mask`` is 0, the temperature-1 log-probs the sampler reports. ``layout``: the batch
+      packed (:func:`sfpo_jax.train.packing.pack`, ``N / micro_batch_size`` micro-batches), computed instead of
+      the padded rows. Compiled once per shape.
     """
 
     @jax.jit
-    def logprob_fn(params, tokens, attention_mask, completion_mask):
+    def logprob_fn(params, tokens, attention_mask, completion_mask, layout: packing.Packed | None = None):
         num_micro = micro_batches_per_minibatch(tokens.shape[0], micro_batch_size, what="batch size")
-        micro = tuple(to_micro_batches(x, num_micro) for x in (tokens, attention_mask, completion_mask))
+        batch = Batch(tokens, attention_mask, completion_mask, *(jnp.zeros(tokens.shape[:1]),) * 3)
+        micro = micro_batches(batch, num_micro, layout)
 
-        def forward(mb):
+        def forward(xs):
+            mb, mb_layout = xs
             model = nnx.merge(graphdef, params)
             # No backward pass here, so nothing to rematerialise; and nnx.remat inside lax.map would have to update
             # params that belong to the enclosing trace (a TraceContextError).
             model.remat = False
-            logp, _ = completion_logprobs(model, *mb)  # the entropy is dead code to XLA
+            logp, _ = _logprobs(model, Batch(*mb), mb_layout)  # the entropy is dead code to XLA
             return logp
 
-        return from_micro_batches(jax.lax.map(forward, micro))
+        logp = jax.lax.map(forward, (tuple(micro), layout))
+        if layout is None:
+            return from_micro_batches(logp)
+        # The layout's rows are a partition of the batch: scatter each micro-batch's rows back to their place.
+        return jnp.zeros(completion_mask.shape, jnp.float32).at[layout.rows.reshape(-1)].set(
+            logp.reshape(-1, logp.shape[-1]))
 
     return logprob_fn
 
@@ -314,6 +345,7 @@ class Learner:
       recompute_old_logprobs: take the ratio's denominator from the learner's forward at θ_s, not the sampler's.
       rollout_correction_cap: C of the truncated importance weights ``min(π_old / π_sampler, C)`` that correct the
         rollout/learner mismatch (``loss.rollout_correction="token"``), or None without the correction.
+      layouts: the packed layouts the model computes (``rollout.packing``); None: the padded rows.
     """
 
     update: Callable
@@ -322,6 +354,7 @@ class Learner:
     num_minibatches: int
     recompute_old_logprobs: bool
     rollout_correction_cap: float | None = None
+    layouts: Layouts | None = None
 
     def __call__(self, state: TrainState, batch: Batch, *, timer: PhaseTimer | None = None
                  ) -> tuple[TrainState, dict[str, Any]]:
@@ -341,17 +374,22 @@ class Learner:
         timer = timer if timer is not None else PhaseTimer()
         params, opt_state = state
         device_metrics = {}
+        host = None if self.layouts is None else jax.device_get(batch[:3])  # tokens and masks, to pack
         if self.logprob_fn is not None:
             with timer("logprobs"):
-                batch, device_metrics = self._extra_logprobs(params, batch)
+                layout = None if host is None else self.layouts.logprob_pass(*host)
+                batch, device_metrics = self._extra_logprobs(params, batch, layout)
         with timer("update"):
             active, num_calls = sfpo_active(opt_state), calls_per_batch(opt_state)
             minibatches = split_minibatches(batch, self.num_minibatches)
+            layouts = ([None] * self.num_minibatches if host is None else
+                       self.layouts.minibatches(*host, self.num_minibatches))
             calls = []
             # The SFPO transform's cycle and the mini-batches are both counted from the batch's first call: a
             # non-finite call still counts (see `Config.optimizer`), so call c is mini-batch c % M.
             for call in range(num_calls):
-                params, opt_state, m = self.update(params, opt_state, minibatches[call % self.num_minibatches])
+                c = call % self.num_minibatches
+                params, opt_state, m = self.update(params, opt_state, minibatches[c], layouts[c])
                 calls.append(m)
             # One host sync for the whole step, after the last call: the host queues every call without waiting.
             calls, device_metrics, nonfinite = jax.device_get((calls, device_metrics, _nonfinite_state(opt_state)))
@@ -361,10 +399,11 @@ class Learner:
                    **{k: float(v) for k, v in device_metrics.items()}}
         return TrainState(params, opt_state), metrics
 
-    def _extra_logprobs(self, params, batch: Batch) -> tuple[Batch, dict[str, jax.Array]]:
+    def _extra_logprobs(self, params, batch: Batch, layout) -> tuple[Batch, dict[str, jax.Array]]:
         """The batch with its old log-probs recomputed at θ_s (``params``, not yet updated this step) and / or the
-        reference policy's log-probs filled in; the sampler-vs-learner gap as a device scalar."""
-        inputs, metrics = (batch.tokens, batch.attention_mask, batch.completion_mask), {}
+        reference policy's log-probs filled in, computed in ``layout`` (None: the padded rows); the
+        sampler-vs-learner gap as a device scalar."""
+        inputs, metrics = (batch.tokens, batch.attention_mask, batch.completion_mask, layout), {}
         if self.recompute_old_logprobs:
             old_logp = self.logprob_fn(params, *inputs)
             metrics["logprobs/sampler_abs_diff"] = masked_mean_abs_diff(old_logp, batch.old_logp,
@@ -378,6 +417,61 @@ class Learner:
             batch = batch._replace(ref_logp=self.logprob_fn(self.ref_params, *inputs))
         jax.block_until_ready(batch)  # so that the phase's time is the passes', not the next phase's
         return batch, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Layouts:
+    """The learner's packed layouts (``rollout.packing``, :mod:`sfpo_jax.train.packing`) of a batch's host copy,
+    placed with their rows over the mesh's batch shards: one for the log-prob pass, one per mini-batch.
+
+    Attributes:
+      mode: ``"sequences"`` or ``"groups"``; max_row_tokens: ``rollout.packing_row_tokens``.
+      sharding: of a layout's ``[U, R, ...]`` arrays (rows over the batch axes), or None.
+      num_micro: micro-batches per mini-batch in the update; logprob_micro: per batch in the log-prob pass.
+      strided: the update's micro-batches are the padded layout's (``micro-batch-token-mean`` reads the split).
+    """
+
+    mode: str
+    max_row_tokens: int | None
+    sharding: Any
+    num_micro: int
+    logprob_micro: int
+    strided: bool
+
+    def pack(self, tokens, attention_mask, completion_mask, num_micro: int, strided: bool) -> packing.Packed:
+        row_multiple = 1 if self.sharding is None else num_shards(self.sharding, 1)
+        packed = packing.pack(tokens, attention_mask, completion_mask, self.mode, num_micro=num_micro,
+                              strided=strided, max_row_tokens=self.max_row_tokens, row_multiple=row_multiple)
+        if self.sharding is None:
+            return jax.device_put(packed)
+        # The packed rows over the batch shards (R is a multiple of them); the small index maps of the padded rows
+        # (a micro-batch may have fewer rows than shards) replicated.
+        replicated = jax.sharding.NamedSharding(self.sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(packed, packing.Packed(*[self.sharding] * 7, replicated, replicated))
+
+    def logprob_pass(self, tokens, attention_mask, completion_mask) -> packing.Packed:
+        """The whole batch's layout (its micro-batches' rows are free: the pass's output is per row)."""
+        return self.pack(tokens, attention_mask, completion_mask, self.logprob_micro, False)
+
+    def minibatches(self, tokens, attention_mask, completion_mask, num_minibatches: int) -> list[packing.Packed]:
+        """One layout per contiguous mini-batch (:func:`split_minibatches`)."""
+        size = tokens.shape[0] // num_minibatches
+        return [self.pack(*(x[m * size:(m + 1) * size] for x in (tokens, attention_mask, completion_mask)),
+                          self.num_micro, self.strided) for m in range(num_minibatches)]
+
+
+def make_layouts(rollout, loss: grpo.LossConfig, mesh, num_micro: int) -> Layouts | None:
+    """The learner's :class:`Layouts` for ``rollout.packing`` (None for ``"none"``)."""
+    if rollout.packing == "none":
+        return None
+    if jax.process_count() > 1:
+        raise ValueError(f"rollout.packing={rollout.packing!r} packs on one host, and a multi-process run feeds each "
+                         "process's rows from its own: use rollout.packing=none")
+    rows = rollout.prompts_per_step * rollout.group_size
+    return Layouts(rollout.packing, rollout.packing_row_tokens,
+                   None if mesh is None else logical_sharding(mesh, (None, "batch")), num_micro,
+                   micro_batches_per_minibatch(rows, rollout.micro_batch_size, what="batch size"),
+                   loss.agg == grpo.MICRO_BATCH_TOKEN_MEAN)
 
 
 def make_learner(model: nnx.Module, tx: optax.GradientTransformationExtraArgs, rollout, loss: grpo.LossConfig, *,
@@ -418,6 +512,7 @@ def make_learner(model: nnx.Module, tx: optax.GradientTransformationExtraArgs, r
         num_minibatches=M,
         recompute_old_logprobs=rollout.recompute_old_logprobs,
         rollout_correction_cap=loss.rollout_correction_cap if loss.rollout_correction == "token" else None,
+        layouts=make_layouts(rollout, loss, mesh, num_micro),
     )
     return learner, TrainState(params, opt_state if mesh is None else replicate_unplaced(opt_state, mesh))
 
