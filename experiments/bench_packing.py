@@ -88,7 +88,7 @@ def w2_workload(micro_batch_size: int):
     tokens = np.concatenate([prompts, rng.integers(2, 32000, (16, 128))], axis=1).astype(np.int32)
     batch = learner.Batch(tokens, np.ones(tokens.shape, bool), np.ones((16, 128), bool),
                           -rng.uniform(1, 10, (16, 128)).astype(np.float32), rng.normal(size=16).astype(np.float32),
-                          np.zeros((16, 0), np.float32))
+                          np.zeros((16, 0), np.float32), np.zeros((16, 0), np.float32))
     return cfg, from_pretrained(path, dtype=jnp.float32), batch
 
 

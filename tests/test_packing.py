@@ -194,7 +194,7 @@ def learner_batch(seed: int, **kw) -> learner.Batch:
     logp = lambda: np.where(mask, -rng.uniform(0.5, 4.0, mask.shape), 0).astype(np.float32)
     advantages = rng.normal(size=len(tokens)).astype(np.float32)
     advantages[:4] = 0  # the first group: every reward alike
-    return learner.Batch(tokens, attn, mask, logp(), advantages, logp())
+    return learner.Batch(tokens, attn, mask, logp(), advantages, logp(), np.zeros((len(tokens), 0), np.float32))
 
 
 def gradient_capture() -> optax.GradientTransformationExtraArgs:
