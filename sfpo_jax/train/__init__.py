@@ -6,6 +6,7 @@ from sfpo_jax.train.checkpointer import Checkpointer
 from sfpo_jax.train.config import Config, ConfigError, load_config, save_config
 from sfpo_jax.train.learner import Batch, Learner, TrainState, make_learner
 from sfpo_jax.train.loop import NonFiniteError, TrainResult, train
+from sfpo_jax.train.lora import LoRA
 from sfpo_jax.train.metrics import MetricsLogger, PhaseTimer, deterministic, read_metrics
 from sfpo_jax.train.rollouts import Position, Rollouts, TrainingPrompts, make_rollouts
 from sfpo_jax.train.run_dir import ResumeError, RunDir
@@ -17,6 +18,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Learner",
+    "LoRA",
     "MetricsLogger",
     "NonFiniteError",
     "PhaseTimer",

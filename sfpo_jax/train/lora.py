@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sfpo_jax.parallel import shard_state
+from sfpo_jax.parallel import param_shardings
 
 # The Dense modules of `sfpo_jax.models.CausalLM` (their attribute names, as in the Hugging Face module tree).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -80,21 +80,26 @@ class LoRA:
         Raises:
           ValueError: a target names no kernel of this model (e.g. ``lm_head`` with tied embeddings).
         """
-        key, dtype, entries, found = jax.random.key(self.seed), jnp.dtype(self.dtype), [], set()
-        for i, (path, kernel, n_in) in enumerate(_target_kernels(model, self.targets)):
-            found.add(path[-1])
-            axes = kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim
-            fan_in = math.prod(kernel.shape[:n_in])
-            bound = 1 / math.sqrt(fan_in)
-            a = jax.random.uniform(jax.random.fold_in(key, i), (*kernel.shape[:n_in], self.rank), dtype, -bound, bound)
-            b = jnp.zeros((self.rank, *kernel.shape[n_in:]), dtype)
-            entries += [((*path, "lora_a"), nnx.Param(a, out_sharding=(*axes[:n_in], None), eager_sharding=False)),
-                        ((*path, "lora_b"), nnx.Param(b, out_sharding=(None, *axes[n_in:]), eager_sharding=False))]
-        if missing := [t for t in self.targets if t not in found]:
+        kernels = list(_target_kernels(model, self.targets))
+        if missing := [t for t in self.targets if t not in {path[-1] for path, _, _ in kernels}]:
             raise ValueError(f"lora_targets={list(self.targets)!r}: {missing} name no kernel of this model "
                              "(lm_head is absent where the embeddings are tied)")
-        adapters = nnx.from_flat_state(entries)
-        return adapters if mesh is None else shard_state(adapters, mesh, rules)
+        specs = [(path, kernel.shape, n_in, kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim)
+                 for path, kernel, n_in in kernels]
+
+        def build() -> nnx.State:
+            key, dtype, entries = jax.random.key(self.seed), jnp.dtype(self.dtype), []
+            for i, (path, shape, n_in, axes) in enumerate(specs):
+                bound = 1 / math.sqrt(math.prod(shape[:n_in]))
+                a = jax.random.uniform(jax.random.fold_in(key, i), (*shape[:n_in], self.rank), dtype, -bound, bound)
+                b = jnp.zeros((self.rank, *shape[n_in:]), dtype)
+                entries += [((*path, "lora_a"), nnx.Param(a, out_sharding=(*axes[:n_in], None), eager_sharding=False)),
+                            ((*path, "lora_b"), nnx.Param(b, out_sharding=(None, *axes[n_in:]), eager_sharding=False))]
+            return nnx.from_flat_state(entries)
+
+        # One jitted program that writes every adapter where it lives (each process its own shards, on a pod).
+        placed = {} if mesh is None else {"out_shardings": param_shardings(jax.eval_shape(build), mesh, rules)}
+        return jax.jit(build, **placed)()
 
     def merge(self, base: nnx.State, adapters: nnx.State) -> nnx.State:
         """The policy's params: ``base`` (the model's full state) with every adapted kernel replaced by
