@@ -265,3 +265,20 @@ def test_a_sharded_lora_update_matches_one_device(policy_dir):
     for path in results[0]:
         np.testing.assert_allclose(results[1][path], results[0][path], atol=1e-5, rtol=0, err_msg=str(path))
     assert any(results[0][p].any() for p in results[0] if p[-1] == "lora_b")
+
+
+def test_the_base_is_loaded_in_the_compute_dtype_and_the_adapters_are_float32_masters(policy_dir):
+    from sfpo_jax.train.policy import load_policy
+
+    cfg = load_config(None, [f"model.path={policy_dir}", "model.compute_dtype=bfloat16", "model.lora_rank=4",
+                             "rollout.prompts_per_step=4", "rollout.group_size=2", "rollout.num_minibatches=1",
+                             "sfpo.num_fast_steps=1"])
+    model, _ = load_policy(cfg, ArithmeticTask(num_train=8, num_eval=1))
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model))} == {jnp.dtype(jnp.bfloat16)}
+    learner_, state = make_learner(model, cfg.optimizer(), cfg.rollout, cfg.loss, lora=cfg.lora())
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}  # model.param_dtype
+    assert learner_.frozen is not None and all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(learner_.frozen))
+    state, metrics = learner_(state, synthetic_batch(model, *nnx.split(model)))
+    assert np.isfinite(metrics["train/loss"]) and metrics["train/grad_norm"] > 0
+    policy = learner_.policy_params(state)  # what the sampler takes: no cast left to do
+    assert {x.dtype for x in jax.tree.leaves(policy)} == {jnp.dtype(jnp.bfloat16)}
