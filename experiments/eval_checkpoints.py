@@ -67,13 +67,15 @@ def main(argv=None) -> int:
         cfg = load_config(run / "config.yaml")
         task = task_from_config(cfg)
         model, tokenizer = load_policy(cfg, task)
-        rl_step, state = make_rl_step(model, tokenizer, task.reward, cfg.optimizer(), cfg.rollout, cfg.loss)
+        rl_step, state = make_rl_step(model, tokenizer, task.reward, cfg.optimizer(), cfg.rollout, cfg.loss,
+                                      lora=cfg.lora())
         with Checkpointer(run / "checkpoints", keep=1) as ckpt:
             step = ckpt.latest_step()
             trained, _ = ckpt.restore(step, target=state)
         # The initial policy once, from the first run's setup (both runs start from the same one).
-        policies = {"initial": (0, state.params)} if not out["policies"] else {}
-        policies[algo] = (step, trained.params)
+        policy = rl_step.learner.policy_params  # with LoRA the base merged with the adapters
+        policies = {"initial": (0, policy(state))} if not out["policies"] else {}
+        policies[algo] = (step, policy(trained))
         for name, (step, params) in policies.items():
             start = time.perf_counter()
             counts, reward = correct_counts(rl_step, params, task, tokenizer, cfg, args.samples, key)

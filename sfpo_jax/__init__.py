@@ -31,6 +31,10 @@ One RL step is two sides with one explicit value between them, a learner ``Batch
       ──calls_per_batch(opt_state) × update(params, opt_state, minibatch[c % M])──> params, opt_state
       ──one device_get──> metrics          M = minibatches_per_epoch(opt_state): the transform is its one source
 
+With LoRA (``model.lora_rank``, :mod:`sfpo_jax.train.lora`) the state's params are the adapters only, the base is
+frozen, and ``learner.policy_params(state)`` (the base merged with the adapters) is the θ_s that the rollout side,
+evaluation and export take; without it, that is ``state.params``.
+
 ``update`` is one jitted call: the GRPO loss's gradient accumulated over micro-batches, then
 ``tx.update(grads, opt_state, params, entropy=...)`` of ``chain(apply_if_finite(adamw), sfpo(K, α, M))``. The
 transform, not the loop, decides the schedule: (K+1)·M calls per batch while SFPO is active (its K-th epoch ends by

@@ -7,6 +7,7 @@ from sfpo_jax.train.checks import RewardError
 from sfpo_jax.train.config import Config, ConfigError, load_config, save_config
 from sfpo_jax.train.learner import Batch, Learner, TrainState, make_learner
 from sfpo_jax.train.loop import NonFiniteError, TrainResult, train
+from sfpo_jax.train.lora import LoRA
 from sfpo_jax.train.metrics import MetricsLogger, PhaseTimer, deterministic, read_metrics
 from sfpo_jax.train.preemption import Preempted
 from sfpo_jax.train.rollouts import Position, Rollouts, TrainingPrompts, make_rollouts
@@ -19,6 +20,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Learner",
+    "LoRA",
     "MetricsLogger",
     "NonFiniteError",
     "PhaseTimer",

@@ -29,6 +29,7 @@ import yaml
 from sfpo_jax.optim import sfpo
 from sfpo_jax.rl import LossConfig
 from sfpo_jax.sampling import SamplingConfig
+from sfpo_jax.train.lora import DEFAULT_LORA_TARGETS, LoRA
 from sfpo_jax.train.packing import PACKING
 
 
@@ -76,7 +77,11 @@ class PolicyConfig:
     ``attention`` is how the learner's forward and backward passes and the sampler's prefill attend (``CausalLM``'s
     argument): ``einsum`` on any backend, or ``cudnn``, one fused cuDNN flash-attention kernel per layer (NVIDIA
     GPUs, bfloat16 compute; 2.2x faster forward+backward at 4 x 2048 tokens on an H100, and no float32 scores in
-    memory, BENCHMARKS.md "GPU"). Decode steps always attend over their KV cache with ``einsum``."""
+    memory, BENCHMARKS.md "GPU"). Decode steps always attend over their KV cache with ``einsum``.
+
+    ``lora_rank`` > 0 trains LoRA adapters of that rank on the ``lora_targets`` kernels, scaled by
+    ``lora_alpha / lora_rank`` (:class:`sfpo_jax.train.lora.LoRA`): the adapters, their optimizer state and SFPO's
+    slow copy are in ``param_dtype``, and the base weights are loaded frozen in the compute dtype."""
 
     path: str = "warmup"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -84,11 +89,29 @@ class PolicyConfig:
     remat: bool = False  # rematerialise each layer's activations in the backward pass (long sequences, big models)
     attention: Literal["einsum", "cudnn"] = "einsum"
     warmup: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # sfpo_jax.train.warmup.WarmupConfig
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
 
     def __post_init__(self):
         if self.attention == "cudnn" and (self.compute_dtype or self.param_dtype) != "bfloat16":
             raise ValueError(f"attention='cudnn' needs compute_dtype 'bfloat16' (cuDNN's flash attention has no "
                              f"float32 kernel), got {self.compute_dtype or self.param_dtype!r}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank!r} must be >= 0 (0: no LoRA)")
+        self.lora(seed=0)  # builds nothing parameter-sized; raises on a bad lora_* field
+
+    def lora(self, seed: int) -> LoRA | None:
+        """The LoRA adapters' spec (A initialised from ``seed``), or None for full fine-tuning."""
+        if not self.lora_rank:
+            return None
+        return LoRA(self.lora_rank, self.lora_alpha, tuple(self.lora_targets), dtype=self.param_dtype, seed=seed)
+
+    @property
+    def load_dtype(self) -> str:
+        """The dtype the policy's weights are loaded in: ``param_dtype`` (the master weights), or with LoRA the
+        compute dtype (the frozen base, which every product casts to anyway)."""
+        return (self.compute_dtype or self.param_dtype) if self.lora_rank else self.param_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +340,10 @@ class Config:
                              "rollout.recompute_old_logprobs=true: the weights compare the learner's old log-probs "
                              "with the sampler's")
 
+    def lora(self) -> LoRA | None:
+        """``model.lora(seed=run.seed)``: the run's LoRA adapters, or None for full fine-tuning."""
+        return self.model.lora(seed=self.run.seed)
+
 
 # --------------------------------------------------------------------------------------------------------
 # Building configs from YAML and overrides.
@@ -405,8 +432,13 @@ def _type_name(tp: Any) -> str:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain nested dicts (what :func:`from_dict` reads back)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain nested dicts and lists, as YAML and JSON read it back (what :func:`from_dict` reads)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: _plain(v) for k, v in items})
+
+
+def _plain(value: Any) -> Any:
+    """Tuples (e.g. ``model.lora_targets``) as lists: a stored config compares equal to the one it was saved from."""
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

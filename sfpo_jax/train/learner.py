@@ -25,15 +25,17 @@ import optax
 from flax import nnx
 
 from sfpo_jax.optim import calls_per_batch, minibatches_per_epoch, sfpo_active
-from sfpo_jax.parallel import logical_sharding, num_shards, replicate_unplaced
+from sfpo_jax.parallel import logical_sharding, num_shards, param_shardings, replicate_unplaced
 from sfpo_jax.rl import grpo
 from sfpo_jax.train import packing
+from sfpo_jax.train.lora import LoRA
 from sfpo_jax.train.metrics import PhaseTimer
 
 
 class TrainState(NamedTuple):
-    """What a step changes: the policy's params (the master weights, an ``nnx.State``) and the optimizer state
-    (which holds SFPO's slow copy and cycle, and the non-finite counters of ``optax.apply_if_finite``)."""
+    """What a step changes: the trained params (the master weights, an ``nnx.State``: the policy's params, or with
+    LoRA its adapters, see :meth:`Learner.policy_params`) and the optimizer state (which holds SFPO's slow copy and
+    cycle, and the non-finite counters of ``optax.apply_if_finite``), both the size of what is trained."""
 
     params: nnx.State
     opt_state: optax.OptState
@@ -149,27 +151,36 @@ def reduce_micro_metrics(metrics: dict[str, jax.Array], tokens: jax.Array) -> di
     return {name: reduce(name, m) for name, m in metrics.items()}
 
 
-def make_update_fn(graphdef, tx: optax.GradientTransformationExtraArgs, loss: grpo.LossConfig, num_micro: int):
+def make_update_fn(graphdef, tx: optax.GradientTransformationExtraArgs, loss: grpo.LossConfig, num_micro: int,
+                   merge: Callable | None = None):
     """One optimizer call: gradients of a mini-batch accumulated over ``num_micro`` micro-batches
     (``lax.scan``, so memory is that of one micro-batch), then ``tx.update`` with the mini-batch's mean token
     entropy (what SFPO's switch watches), then ``apply_updates``. Params and optimizer state are donated.
 
-    Returns ``update(params, opt_state, batch, layout=None) -> (params, opt_state, metrics)``; ``metrics`` are
-    float32 scalars: those of :func:`sfpo_jax.rl.policy_loss` over the whole mini-batch (independent of
-    ``num_micro``) and ``grad_norm``, the global norm of the gradient before clipping. ``layout``: the mini-batch
-    packed (:func:`sfpo_jax.train.packing.pack` with ``num_micro`` micro-batches), which the model then computes
-    instead of the padded rows, for the same objective. Compiled once per shape.
+    ``merge(frozen, params) -> the policy's full params`` (e.g. :meth:`sfpo_jax.train.lora.LoRA.merge`) makes
+    ``params`` the trained part only: the loss runs the model on the merge (per micro-batch, inside the gradient,
+    so the gradient and its accumulator have the trained part's size) and ``frozen`` is neither differentiated nor
+    donated. None: ``params`` are the policy's full params.
+
+    Returns ``update(params, opt_state, batch, layout=None, frozen=None) -> (params, opt_state, metrics)``;
+    ``metrics`` are float32 scalars: those of :func:`sfpo_jax.rl.policy_loss` over the whole mini-batch
+    (independent of ``num_micro``) and ``grad_norm``, the global norm of the gradient before clipping. ``layout``:
+    the mini-batch packed (:func:`sfpo_jax.train.packing.pack` with ``num_micro`` micro-batches), which the model
+    then computes instead of the padded rows, for the same objective. Compiled once per shape.
     """
 
+    def trained_loss(params, frozen, *args):
+        return minibatch_loss(params if merge is None else merge(frozen, params), *args)
+
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def update(params, opt_state, batch: Batch, layout: packing.Packed | None = None):
+    def update(params, opt_state, batch: Batch, layout: packing.Packed | None = None, frozen=None):
         check_batch(batch)
         micro = micro_batches(batch, num_micro, layout)
         micro_tokens = micro.completion_mask.sum(axis=(1, 2)).astype(jnp.float32)
         # Rows with a completion token: every sampled row has one (its first token, or EOS); the empty groups that
         # pad a short filtered batch and the completions masked as truncated have none, and weigh nothing.
         num_seqs = jnp.maximum(jnp.sum(jnp.any(batch.completion_mask, axis=1)), 1).astype(jnp.float32)
-        grad_fn = jax.value_and_grad(minibatch_loss, has_aux=True)
+        grad_fn = jax.value_and_grad(trained_loss, has_aux=True)
 
         def accumulate(grads, xs):
             mb, tokens, mb_layout = xs
@@ -177,7 +188,7 @@ def make_update_fn(graphdef, tx: optax.GradientTransformationExtraArgs, loss: gr
                 num_tokens = jnp.maximum(tokens, 1) * num_micro
             else:
                 num_tokens = jnp.maximum(micro_tokens.sum(), 1)
-            (_, metrics), g = grad_fn(params, graphdef, Batch(*mb), loss, num_tokens, num_seqs, mb_layout)
+            (_, metrics), g = grad_fn(params, frozen, graphdef, Batch(*mb), loss, num_tokens, num_seqs, mb_layout)
             return jax.tree.map(jnp.add, grads, g), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -346,6 +357,9 @@ class Learner:
       rollout_correction_cap: C of the truncated importance weights ``min(π_old / π_sampler, C)`` that correct the
         rollout/learner mismatch (``loss.rollout_correction="token"``), or None without the correction.
       layouts: the packed layouts the model computes (``rollout.packing``); None: the padded rows.
+      frozen: with LoRA, the base params (never updated nor donated; ``TrainState.params`` are the adapters);
+        None: the state's params are the whole policy.
+      merge: with LoRA, the jitted ``(frozen, adapters) -> policy params`` (:meth:`sfpo_jax.train.lora.LoRA.merge`).
     """
 
     update: Callable
@@ -355,6 +369,14 @@ class Learner:
     recompute_old_logprobs: bool
     rollout_correction_cap: float | None = None
     layouts: Layouts | None = None
+    frozen: nnx.State | None = None
+    merge: Callable | None = None
+
+    def policy_params(self, state: TrainState) -> nnx.State:
+        """The policy's full params at ``state`` (an ``nnx.State`` of the model): what the sampler, evaluation and
+        export take. ``state.params`` itself without LoRA; with it, the base merged with the adapters (one new
+        param-sized array tree, in the base's dtype)."""
+        return state.params if self.merge is None else self.merge(self.frozen, state.params)
 
     def __call__(self, state: TrainState, batch: Batch, *, timer: PhaseTimer | None = None
                  ) -> tuple[TrainState, dict[str, Any]]:
@@ -378,7 +400,7 @@ class Learner:
         if self.logprob_fn is not None:
             with timer("logprobs"):
                 layout = None if host is None else self.layouts.logprob_pass(*host)
-                batch, device_metrics = self._extra_logprobs(params, batch, layout)
+                batch, device_metrics = self._extra_logprobs(state, batch, layout)
         with timer("update"):
             active, num_calls = sfpo_active(opt_state), calls_per_batch(opt_state)
             minibatches = split_minibatches(batch, self.num_minibatches)
@@ -389,7 +411,7 @@ class Learner:
             # non-finite call still counts (see `Config.optimizer`), so call c is mini-batch c % M.
             for call in range(num_calls):
                 c = call % self.num_minibatches
-                params, opt_state, m = self.update(params, opt_state, minibatches[c], layouts[c])
+                params, opt_state, m = self.update(params, opt_state, minibatches[c], layouts[c], self.frozen)
                 calls.append(m)
             # One host sync for the whole step, after the last call: the host queues every call without waiting.
             calls, device_metrics, nonfinite = jax.device_get((calls, device_metrics, _nonfinite_state(opt_state)))
@@ -399,13 +421,13 @@ class Learner:
                    **{k: float(v) for k, v in device_metrics.items()}}
         return TrainState(params, opt_state), metrics
 
-    def _extra_logprobs(self, params, batch: Batch, layout) -> tuple[Batch, dict[str, jax.Array]]:
-        """The batch with its old log-probs recomputed at θ_s (``params``, not yet updated this step) and / or the
+    def _extra_logprobs(self, state: TrainState, batch: Batch, layout) -> tuple[Batch, dict[str, jax.Array]]:
+        """The batch with its old log-probs recomputed at θ_s (``state``, not yet updated this step) and / or the
         reference policy's log-probs filled in, computed in ``layout`` (None: the padded rows); the
         sampler-vs-learner gap as a device scalar."""
         inputs, metrics = (batch.tokens, batch.attention_mask, batch.completion_mask, layout), {}
         if self.recompute_old_logprobs:
-            old_logp = self.logprob_fn(params, *inputs)
+            old_logp = self.logprob_fn(self.policy_params(state), *inputs)
             metrics["logprobs/sampler_abs_diff"] = masked_mean_abs_diff(old_logp, batch.old_logp,
                                                                         batch.completion_mask)
             if self.rollout_correction_cap is not None:
@@ -475,7 +497,7 @@ def make_layouts(rollout, loss: grpo.LossConfig, mesh, num_micro: int) -> Layout
 
 
 def make_learner(model: nnx.Module, tx: optax.GradientTransformationExtraArgs, rollout, loss: grpo.LossConfig, *,
-                 mesh=None) -> tuple[Learner, TrainState]:
+                 mesh=None, lora: LoRA | None = None) -> tuple[Learner, TrainState]:
     """The learner of an RL run and its initial state.
 
     Args:
@@ -486,12 +508,18 @@ def make_learner(model: nnx.Module, tx: optax.GradientTransformationExtraArgs, r
       rollout: a :class:`sfpo_jax.train.config.RolloutConfig` (the batch's rows, mini- and micro-batch sizes).
       loss: the objective.
       mesh: the device mesh (None: the default device).
+      lora: train low-rank adapters only (``Config.lora()``): the state's params are then ``lora.init(model)``,
+        the model's own params (load them in the compute dtype, as ``load_policy`` does) stay frozen as
+        :attr:`Learner.frozen`, and they are the KL reference, without a copy.
 
     Raises:
       ValueError: when the transform's M differs from ``rollout.num_minibatches`` (each batch would silently get
         another schedule than the one configured), or the batch does not split over the mesh or the micro-batches.
     """
     graphdef, params = nnx.split(model)
+    frozen = None
+    if lora is not None:
+        frozen, params = params, lora.init(model, mesh=mesh)
     opt_state = tx.init(params)
     M = minibatches_per_epoch(opt_state)
     if M != rollout.num_minibatches:
@@ -501,20 +529,31 @@ def make_learner(model: nnx.Module, tx: optax.GradientTransformationExtraArgs, r
             "(Config.optimizer() does), so that every epoch is one call per mini-batch")
     rows = rollout.prompts_per_step * rollout.group_size
     batch_sharding(mesh, rows)
-    # The KL reference is the initial policy, frozen: a copy, since the update donates (overwrites) `params`.
-    ref_params = jax.tree.map(jnp.copy, params) if loss.kl_coef > 0 else None
+    # The KL reference is the initial policy: the frozen base with LoRA, else a copy, since the update donates
+    # (overwrites) `params`.
+    ref_params = None
+    if loss.kl_coef > 0:
+        ref_params = frozen if frozen is not None else jax.tree.map(jnp.copy, params)
     num_micro = micro_batches_per_minibatch(rows // M, rollout.micro_batch_size)
     extra_logprobs = rollout.recompute_old_logprobs or ref_params is not None
     learner = Learner(
-        update=make_update_fn(graphdef, tx, loss, num_micro),
+        update=make_update_fn(graphdef, tx, loss, num_micro, merge=None if lora is None else lora.merge),
         logprob_fn=make_logprob_fn(graphdef, rollout.micro_batch_size) if extra_logprobs else None,
         ref_params=ref_params,
         num_minibatches=M,
         recompute_old_logprobs=rollout.recompute_old_logprobs,
         rollout_correction_cap=loss.rollout_correction_cap if loss.rollout_correction == "token" else None,
         layouts=make_layouts(rollout, loss, mesh, num_micro),
+        frozen=frozen,
+        merge=None if lora is None else _jitted_merge(lora, frozen, mesh),
     )
     return learner, TrainState(params, opt_state if mesh is None else replicate_unplaced(opt_state, mesh))
+
+
+def _jitted_merge(lora: LoRA, frozen: nnx.State, mesh) -> Callable:
+    """``lora.merge`` jitted, its result laid out as the model's params (the layout the sampler's programs take)."""
+    placed = {} if mesh is None else {"out_shardings": param_shardings(frozen, mesh)}
+    return jax.jit(lora.merge, **placed)
 
 
 def _nonfinite_state(opt_state: optax.OptState) -> tuple[jax.Array, jax.Array] | None:

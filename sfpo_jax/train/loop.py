@@ -3,10 +3,12 @@
 checkpoints.
 
 Determinism: the data order is a pure function of ``(seed, cursor)`` and every PRNG key of ``(seed, step)``, and a
-checkpoint holds params and optimizer state (SFPO's cycle and slow copy, the non-finite counters included) with the
-rollout side's :class:`~sfpo_jax.train.rollouts.Position`, so a run killed at any moment and resumed ends exactly
-where an uninterrupted run ends (same device count). The KL reference policy is the initial policy: it is loaded
-again from ``model.path`` on resume rather than checkpointed.
+checkpoint holds the trained params and optimizer state (SFPO's cycle and slow copy, the non-finite counters
+included) with the rollout side's :class:`~sfpo_jax.train.rollouts.Position`, so a run killed at any moment and
+resumed ends exactly where an uninterrupted run ends (same device count). The KL reference policy is the initial
+policy, and with LoRA (``model.lora_rank``) the checkpoint holds the adapters only: both are loaded again from
+``model.path`` on resume rather than checkpointed. The sampler and evaluation take
+``learner.policy_params(state)`` (the merged weights with LoRA), and so does the returned model.
 
 Multi-host (a TPU pod slice, a GPU cluster): every process runs this loop; each samples and scores its own share
 of every step's prompts (:mod:`sfpo_jax.parallel.multihost`), the learner sees one global batch, and process 0
@@ -79,7 +81,7 @@ def _train(cfg: Config, task, run: RunDir, stop: StopFlag) -> TrainResult:
     rollouts = make_rollouts(model, tokenizer, task.reward, r, cfg.loss, mesh=mesh,
                              reward_metrics=getattr(task, "reward_metrics", None),
                              data=TrainingPrompts(prompts, [p.answer for p in problems], cfg.run.seed))
-    learner, state = make_learner(model, cfg.optimizer(), r, cfg.loss, mesh=mesh)
+    learner, state = make_learner(model, cfg.optimizer(), r, cfg.loss, mesh=mesh, lora=cfg.lora())
     state, meta = run.restore(state)  # then writes config.yaml
     step0 = meta["step"]
     position = Position(*meta.get("rollout", (step0, step0 * r.prompts_per_step)))
@@ -90,7 +92,7 @@ def _train(cfg: Config, task, run: RunDir, stop: StopFlag) -> TrainResult:
 
     def evaluation(step: int) -> dict[str, float]:
         with timer("eval"):
-            return evaluate(rollouts.sampler, state.params, eval_sets, encode, task.reward, tokenizer,
+            return evaluate(rollouts.sampler, learner.policy_params(state), eval_sets, encode, task.reward, tokenizer,
                             e.sampling(r.max_new_tokens, (tokenizer.eos_token_id,)), eval_chunk,
                             eval_key(base_key, step))
 
@@ -99,7 +101,8 @@ def _train(cfg: Config, task, run: RunDir, stop: StopFlag) -> TrainResult:
     bar = tqdm(range(step0, cfg.run.steps), initial=step0, total=cfg.run.steps, desc=cfg.algo,
                disable=not (cfg.run.progress and is_main), dynamic_ncols=True)
     for step in bar:
-        batch, rollout_metrics, position = rollouts.next(state.params, position, base_key, timer=timer)
+        batch, rollout_metrics, position = rollouts.next(learner.policy_params(state), position, base_key,
+                                                         timer=timer)
         state, metrics = learner(state, batch, timer=timer)
         row = {"step": step + 1, "rollouts": position.cursor * G, **rollout_metrics, **metrics,
                "lr": cfg.optim.learning_rate, **data_metrics}
@@ -119,7 +122,7 @@ def _train(cfg: Config, task, run: RunDir, stop: StopFlag) -> TrainResult:
         if signum and step + 1 < cfg.run.steps:
             raise Preempted(signum, step + 1, run.out)
     bar.close()
-    nnx.update(model, state.params)
+    nnx.update(model, learner.policy_params(state))  # with LoRA: the merged weights
     return TrainResult(model=model, tokenizer=tokenizer, opt_state=state.opt_state, history=run.rows, out_dir=run.out)
 
 

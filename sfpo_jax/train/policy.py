@@ -60,9 +60,10 @@ def prepare_policy(cfg: Config) -> Path:
 
 
 def load_policy(cfg: Config, task, *, mesh=None, rules=None):
-    """``(model, tokenizer)`` of the run's initial policy with ``model.param_dtype`` params computing in
-    ``model.compute_dtype``, sharded over ``mesh``, with activation rematerialisation when ``model.remat`` is set
-    and the learner attention ``model.attention``.
+    """``(model, tokenizer)`` of the run's initial policy with ``model.param_dtype`` params (with LoRA, the frozen
+    base: the compute dtype, ``PolicyConfig.load_dtype``) computing in ``model.compute_dtype``, sharded over
+    ``mesh``, with activation rematerialisation when ``model.remat`` is set and the learner attention
+    ``model.attention``.
 
     Raises:
       ValueError: ``model.attention='cudnn'`` where JAX's backend is not a GPU (checked here, before the policy
@@ -72,7 +73,7 @@ def load_policy(cfg: Config, task, *, mesh=None, rules=None):
         raise ValueError(f"model.attention='cudnn' runs cuDNN's flash attention, which needs an NVIDIA GPU; JAX's "
                          f"backend here is {jax.default_backend()!r} (use model.attention=einsum)")
     path = policy_path(cfg, task)
-    model = from_pretrained(path, dtype=jnp.dtype(m.param_dtype),
+    model = from_pretrained(path, dtype=jnp.dtype(m.load_dtype),
                             compute_dtype=jnp.dtype(m.compute_dtype or m.param_dtype),
                             mesh=mesh, rules=rules, remat=m.remat, attention=m.attention)
     tokenizer = load_tokenizer(path)

@@ -4,11 +4,12 @@
     for step in range(num_steps):
         state, metrics = rl_step(state, prompts, answers, jax.random.fold_in(key, step))
 
-is ``batch, m = rl_step.rollouts.generate(state.params, prompts, answers, key)`` (:mod:`sfpo_jax.train.rollouts`:
-sample ``group_size`` completions at θ_s, grade, group advantages) then ``state, m2 = rl_step.learner(state,
-batch)`` (:mod:`sfpo_jax.train.learner`: old / reference log-probs if configured, then ``calls_per_batch(opt_state)``
-optimizer calls over the mini-batches). GRPO is the same step with ``sfpo(num_fast_steps=0)``. ``train()`` runs the
-same two sides, with the rollout side drawing the prompts from its own data order.
+is ``batch, m = rl_step.rollouts.generate(rl_step.learner.policy_params(state), prompts, answers, key)``
+(:mod:`sfpo_jax.train.rollouts`: sample ``group_size`` completions at θ_s, grade, group advantages) then ``state,
+m2 = rl_step.learner(state, batch)`` (:mod:`sfpo_jax.train.learner`: old / reference log-probs if configured, then
+``calls_per_batch(opt_state)`` optimizer calls over the mini-batches). GRPO is the same step with
+``sfpo(num_fast_steps=0)``; ``lora=cfg.lora()`` trains LoRA adapters (``state.params``) on a frozen base.
+``train()`` runs the same two sides, with the rollout side drawing the prompts from its own data order.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from flax import nnx
 
 from sfpo_jax.rl import LossConfig
 from sfpo_jax.train.learner import Learner, TrainState, make_learner
+from sfpo_jax.train.lora import LoRA
 from sfpo_jax.train.metrics import PhaseTimer
 from sfpo_jax.train.rollouts import RewardFn, Rollouts, make_rollouts
 
@@ -59,18 +61,18 @@ class RLStep:
           ``(state, metrics)``: the state after the batch's optimizer calls, and the rollout and learner metrics.
         """
         timer = timer if timer is not None else PhaseTimer()
-        batch, metrics = self.rollouts.generate(state.params, prompts, answers, key, prompt_length=prompt_length,
-                                                timer=timer)
+        batch, metrics = self.rollouts.generate(self.learner.policy_params(state), prompts, answers, key,
+                                                prompt_length=prompt_length, timer=timer)
         state, learner_metrics = self.learner(state, batch, timer=timer)
         return state, metrics | learner_metrics
 
 
 def make_rl_step(model: nnx.Module, tokenizer, reward_fn: RewardFn, tx: optax.GradientTransformationExtraArgs,
-                 rollout, loss: LossConfig, *, mesh=None, reward_metrics: Callable[[], dict[str, float]] | None = None
-                 ) -> tuple[RLStep, TrainState]:
+                 rollout, loss: LossConfig, *, mesh=None, reward_metrics: Callable[[], dict[str, float]] | None = None,
+                 lora: LoRA | None = None) -> tuple[RLStep, TrainState]:
     """The step function and the initial state of an RL run on prompts of your own: :func:`make_rollouts` and
     :func:`make_learner` (see them for the arguments; ``tx``'s SFPO ``num_minibatches`` must equal
     ``rollout.num_minibatches``)."""
     rollouts = make_rollouts(model, tokenizer, reward_fn, rollout, loss, mesh=mesh, reward_metrics=reward_metrics)
-    learner, state = make_learner(model, tx, rollout, loss, mesh=mesh)
+    learner, state = make_learner(model, tx, rollout, loss, mesh=mesh, lora=lora)
     return RLStep(rollouts, learner), state
