@@ -123,3 +123,33 @@ def test_sharded_slots_give_the_one_device_rollout(model, static, axes):
     for slots in (shards, 16, None):
         r = sampler.generate(MORE_PROMPTS, RAGGED, jax.random.key(11), slots=slots)
         assert_same_rollout(r, static, f"{axes}, slots={slots}")
+
+
+def test_the_trainer_decodes_through_rollout_decode_slots(policy_dir, tmp_path, monkeypatch):
+    """`rollout.decode_slots`: the sampler gets `slots=` (rows over all processes) and the run is the same step for
+    step as the static one (rollouts token for token, so the same rewards and, up to float rounding, losses)."""
+    from sfpo_jax.train import load_config, step, train
+    from sfpo_jax.train.config import ConfigError
+    from tests.test_train import overrides
+
+    calls = []
+
+    class Recording(Sampler):
+        def generate(self, prompts, *args, **kwargs):
+            calls.append(kwargs.get("slots"))
+            return super().generate(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(step, "Sampler", Recording)
+    runs = {}
+    for slots in (None, 4):
+        extra = ["run.steps=2", "eval.every=0", "run.checkpoint_every=0", "rollout.max_new_tokens=12"]
+        cfg = load_config(None, [*overrides(policy_dir, tmp_path / str(slots), *extra),
+                                 *([f"rollout.decode_slots={slots}"] if slots else [])])
+        runs[slots] = train(cfg).history
+    assert calls == [None, None, 4, 4]
+    for a, b in zip(runs[None], runs[4], strict=True):
+        for name in ("reward/mean", "accuracy", "response_length/mean", "response_length/max", "finished"):
+            assert a[name] == b[name], name
+        np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"rollout\.decode_slots=0 must be >= 1"):
+        load_config(None, ["rollout.decode_slots=0"])

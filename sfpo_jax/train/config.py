@@ -134,6 +134,10 @@ class RolloutConfig:
     # Prompts per sampler call on each process (None: the process's whole share at once). Smaller values bound
     # the sampler's KV cache and prefill memory without changing the step's batch; each chunk draws its own key.
     generation_batch_size: int | None = None
+    # Decode rows in flight per process (continuous batching, `Sampler.generate(slots=...)`): a row that ends takes
+    # the next pending sequence at once, so the sampler's KV cache has this many rows whatever the batch, and the
+    # rollout is the same token for token. None: every sequence of the process's call in flight at once (static).
+    decode_slots: int | None = None
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -142,7 +146,8 @@ class RolloutConfig:
         checks = [("prompts_per_step", self.prompts_per_step >= 1), ("max_prompt_length", self.max_prompt_length >= 1),
                   ("num_minibatches", self.num_minibatches >= 1),
                   ("micro_batch_size", self.micro_batch_size is None or self.micro_batch_size >= 1),
-                  ("generation_batch_size", self.generation_batch_size is None or self.generation_batch_size >= 1)]
+                  ("generation_batch_size", self.generation_batch_size is None or self.generation_batch_size >= 1),
+                  ("decode_slots", self.decode_slots is None or self.decode_slots >= 1)]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")
