@@ -74,6 +74,7 @@ class RLStep:
     recompute_old_logprobs: bool
     generation_batch_size: int | None
     batch_sharding: Any
+    decode_slots: int | None = None  # decode rows in flight over all processes (`Sampler.generate(slots=...)`)
 
     def __call__(self, state: TrainState, prompts: Sequence[Sequence[int]], answers: Sequence[str], key: jax.Array,
                  *, prompt_length: int | None = None, timer: PhaseTimer | None = None
@@ -98,7 +99,7 @@ class RLStep:
         G = self.sampling.num_samples
         with timer("sample"):
             rollout = self.sampler.generate(prompts, self.sampling, key, params=params, prompt_length=prompt_length,
-                                            chunk_size=self.generation_batch_size)
+                                            chunk_size=self.generation_batch_size, slots=self.decode_slots)
         with timer("score"):
             rewards = np.asarray(self.reward_fn(rollout.texts(self.tokenizer), [a for a in answers for _ in range(G)]),
                                  np.float32)
@@ -189,6 +190,7 @@ def make_rl_step(model: nnx.Module, tokenizer, reward_fn: RewardFn, tx: optax.Gr
         recompute_old_logprobs=rollout.recompute_old_logprobs,
         generation_batch_size=rollout.generation_batch_size,
         batch_sharding=batch_sharding,
+        decode_slots=None if rollout.decode_slots is None else rollout.decode_slots * jax.process_count(),
     )
     opt_state = tx.init(params)
     return step, TrainState(params, opt_state if mesh is None else replicate_unplaced(opt_state, mesh))
