@@ -1,14 +1,22 @@
 """Batched generation with a KV cache: one prefill pass, then a `lax.while_loop` decode loop, both jitted.
 
 A call to `Sampler.generate` left-pads the prompts to a bucketed length P (`prompt_bucket`, or the caller's
-`prompt_length`) and the batch to a bucketed size B, so a training run compiles one (prefill, decode) pair per
-(B, P, sampling settings), not one per batch; `chunk_size` splits a large batch into calls of bounded memory that
-share P (so equal chunks share one program). The prefill writes the first P-1 prompt columns into a fresh cache of
-that length, extends it to the full cache length S and returns only the cache (so no `[B, P, V]` logits are ever
-computed); the decode program, which receives the cache donated, starts by feeding the last prompt column (real for
-every row, since prompts are left-padded) and then feeds back each sampled token. With `num_samples` > 1 (GRPO's
-groups) the prefill runs once per prompt, not once per sample, and copies each prompt's cache rows to its samples'
-rows: the same rollout for a fraction of the prefill.
+`prompt_length`) and the batch to a bucketed size, so a training run compiles one (prefill, decode) pair per
+(rows, P, sampling settings), not one per batch; `chunk_size` splits a large batch into calls that share P (so equal
+chunks share one program). The prefill writes the first P-1 prompt columns of each prompt into a *bank*, a cache of
+that length (so no `[B, P, V]` logits are ever computed, and a prompt's attention spans its own columns only); the
+decode program (`sfpo_jax.sampling.slots.decode`) builds its cache of C = P + max_new_tokens slots per row from the
+bank, feeds each row's last prompt column (real for every row, since prompts are left-padded) and then each
+sampled token. With `num_samples` > 1 (GRPO's groups) the bank holds one row per prompt, copied to each of its
+samples' rows: the same rollout for a fraction of the prefill.
+
+Two decode paths, one rollout. Static (`slots=None`, or at least N sequences): every sequence in flight from the
+start, the call runs until its longest row ends. Continuous batching (`slots=S` < N): S decode rows, and a row that
+ends takes the next pending sequence in the same loop iteration (its prompt's bank row copied in), all in one device
+call; the cache has S rows whatever N. Each sequence draws from its own PRNG stream
+(`fold_in(fold_in(key, sequence), position)`), so S, `chunk_size` and the order in which rows finish change no
+token; log-probs can differ by float rounding (a sum's order depends on the batch), and so, very rarely, can a draw
+whose uniform falls within that rounding of a boundary between two tokens.
 
 Precision: the programs compute in the model's compute dtype (`CausalLM.dtype`): float params (e.g. float32 masters
 of a bfloat16-compute model) are cast to it once per `generate` call, and the KV cache is in it; logits, sampling
@@ -16,12 +24,16 @@ and log-probs are float32.
 
 Sharding: with a `mesh`, params follow their logical axes (`sfpo_jax.parallel.param_shardings`), the batch is
 split over the axes of the `batch` rule (data, fsdp) and the cache's kv heads over `tensor`; the jitted programs
-carry these as explicit `in_shardings` / `out_shardings`.
+carry these as explicit `in_shardings` / `out_shardings`. The decode slots are split over the batch axes too; the
+bank (where samples or refills copy from it) is whole on every device, so that a refill is a local gather, and with
+refills the outputs (rows by sequence, written from any slot) are replicated.
 
 Multi-host: every process calls `generate` with its own prompts (the same number on each) and the same
 `prompt_length`, one that does not depend on the local prompts (`prompt_length=prompt_bucket(global_longest)`, the
 longest prompt of all processes); the local batches become one global array (`sfpo_jax.parallel.to_global`), and
-each process gets back the `Rollout` of its own prompts.
+each process gets back the `Rollout` of its own prompts. With `slots`, S counts the rows of all processes, the
+sequences are numbered process by process, and every process runs the same two device calls per chunk (the decode
+loop's stopping test is over the global slots).
 """
 
 from __future__ import annotations
