@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -105,6 +106,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slots", default="8,16", help="comma-separated decode slot counts")
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--no-static-all", action="store_true", help="skip our static path with every row at once")
     parser.add_argument("--peer-rows", default="8,all",
                         help="transformers' rows per generate call, comma-separated (all: every sequence at once)")
     parser.add_argument("--dtype", default="float32", help="compute dtype (ours: float32 masters computing in it)")
@@ -134,7 +136,8 @@ def main():
     for s in map(int, args.slots.split(",")):
         sides[f"ours slots={s}"] = dict(slots=s)
         sides[f"ours static {s} rows"] = dict(chunk_size=max(1, s // args.samples))
-    sides[f"ours static {n} rows"] = {}
+    if not args.no_static_all:
+        sides[f"ours static {n} rows"] = {}
     runs = make_ours(model, prompts, config, sides)
     if not args.no_peer:
         if not (args.model_dir / "config.json").exists():
@@ -179,6 +182,8 @@ def measure(runs, repeats: int, model, config) -> dict[str, dict]:
             start = time.perf_counter()
             result = run(i)
             seconds = time.perf_counter() - start
+            print(f"[{'warm-up' if i == 0 else f'repeat {i}'}] {name}: {seconds:.1f} s, load average "
+                  f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
             if name.startswith("ours"):
                 rollout, row_steps = result
                 if i in reference and not np.array_equal(rollout.tokens, reference[i].tokens):
@@ -218,7 +223,8 @@ def report(results, args, n, load_before):
                   "mass from the boundary between them (a near-tie)")
     for s in map(int, args.slots.split(",")):
         print(f"  slots={s}: {med[f'ours static {s} rows'] / med[f'ours slots={s}']:.2f}× the static path at "
-              f"{s} rows in flight, {med[f'ours static {n} rows'] / med[f'ours slots={s}']:.2f}× static {n} rows")
+              f"{s} rows in flight" + (f", {med[f'ours static {n} rows'] / med[f'ours slots={s}']:.2f}× static {n} "
+                                      "rows" if f"ours static {n} rows" in med else ""))
         peers = [name for name in med if name.startswith("transformers")]
         if peers:
             best = min(peers, key=med.get)

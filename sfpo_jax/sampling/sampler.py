@@ -398,20 +398,21 @@ class Sampler:
         # static batch itself (a row per sample).
         u = _round_up(1 << (len(prompts) - 1).bit_length(), self._batch_shards)
         refill = slots is not None and total > slots
-        b = slots // pc if refill else _round_up(n, self.batch_multiple)  # slots per process
+        b = _round_up(n, self.batch_multiple)  # the static path's rows per process
+        rows = slots if refill else pc * b  # decode rows over all processes
         direct = not refill and (g == 1 or u >= b)
         copies, u = (g, b) if direct else (1, u)  # bank rows per prompt, per process
         # Sequences padded to a power of two (only the outputs' rows), so that few programs serve any number.
-        n_out = _round_up(1 << (total - 1).bit_length(), self.batch_multiple) if refill else pc * b
+        n_out = _round_up(1 << (total - 1).bit_length(), self.batch_multiple) if refill else rows
         ids, mask = self._left_pad(prompts, copies, u, p)
-        plan = _plan(n, g // copies, u, b, n_out, refill, chunk, g)
-        refills = max(1, pc * b // _SLOTS_PER_REFILL) if refill else 0
-        prog = self._program(_Shape(pc * b, n_out, pc * u, p, c, spec, refills, direct))
+        plan = _plan(n, g // copies, u, b, rows, n_out, refill, chunk, g)
+        refills = max(1, rows // _SLOTS_PER_REFILL) if refill else 0
+        prog = self._program(_Shape(rows, n_out, pc * u, p, c, spec, refills, direct))
         bank = prog.prefill(state, self._put(ids[:, :-1], prog.prompt_sharding),
                             self._put(mask[:, :-1], prog.prompt_sharding))
         out = prog.decode(state, bank, self._put(ids[:, -1], prog.row_sharding), plan, key)
         tokens, logprobs, lengths, eos, steps = (self._get(x) for x in out)
-        self.row_steps += pc * b * int(steps)
+        self.row_steps += rows * int(steps)
         mine = slice(jax.process_index() * n, (jax.process_index() + 1) * n) if refill else slice(0, n)
         tokens, logprobs, lengths, eos = (x[mine] for x in (tokens, logprobs, lengths, eos))
         ids, mask = (np.repeat(x[:len(prompts) * copies:copies], g, axis=0) for x in (ids, mask))
@@ -427,10 +428,11 @@ class Sampler:
 _SLOTS_PER_REFILL = 16
 
 
-def _plan(n: int, per_row: int, u: int, b: int, n_out: int, refill: bool, chunk: tuple[int, int],
+def _plan(n: int, per_row: int, u: int, b: int, rows: int, n_out: int, refill: bool, chunk: tuple[int, int],
           g: int) -> Plan:
     """The `Plan` of one call: `n` sequences per process, the bank's `u` rows per process holding `per_row`
-    consecutive sequences each (a prompt's g samples, or 1), `b` slots per process; `chunk` = (first prompt,
+    consecutive sequences each (a prompt's g samples, or 1), `rows` slots (with `refill`), else `b` rows per
+    process (the static layout); `chunk` = (first prompt,
     prompts of the whole call) on this process. Sequence s (over all processes, process by process) is sequence
     i = s % n of process s // n, and its PRNG index is its position in the whole unchunked rollout of all
     processes."""
@@ -440,7 +442,7 @@ def _plan(n: int, per_row: int, u: int, b: int, n_out: int, refill: bool, chunk:
     first, whole = chunk
     seq_row = np.where(seq < pc * n, proc * u + i // per_row, 0)
     seq_key = np.where(seq < pc * n, (proc * whole + first) * g + i, 0)
-    slot = np.arange(pc * b)
+    slot = np.arange(rows)
     if refill:  # the first sequences in order; the others wait for a free slot
         slot_seq = np.where(slot < pc * n, slot, n_out)
     else:  # each process's batch rows: its sequences, then padding
