@@ -149,6 +149,27 @@ def main():
     report(results, args, n, load_before)
 
 
+def slots_row_steps(lengths, slots: int) -> int:
+    """The decode row-steps of `Sampler.generate(slots=...)` for sequences of these completion `lengths` (in
+    order), replayed on the host: the first `slots` start at once; after each step the free slots, lowest first, take
+    the next pending sequences, at most max(1, slots // 16) per step (`sampler._SLOTS_PER_REFILL`)."""
+    per_step, n = max(1, slots // 16), len(lengths)
+    left = [lengths[i] if i < n else 0 for i in range(slots)]
+    pending, steps = min(slots, n), 0
+    while any(left):
+        steps += 1
+        left = [max(x - 1, 0) for x in left]
+        for k in [k for k, x in enumerate(left) if x == 0][:per_step]:
+            if pending < n:
+                left[k], pending = lengths[pending], pending + 1
+    return steps * slots
+
+
+def static_row_steps(lengths, rows: int) -> int:
+    """The static path's decode row-steps in calls of `rows` sequences: each call runs until its longest ends."""
+    return sum(rows * max(lengths[i: i + rows]) for i in range(0, len(lengths), rows))
+
+
 def near_ties(model, a, b, key, config) -> list[dict]:
     """Where rollouts `a` and `b` (of one key) differ: for each differing sequence, its first differing position
     and how far that draw's uniform u was from the boundary between the two tokens, recomputed in float64 from a
@@ -182,10 +203,11 @@ def measure(runs, repeats: int, model, config) -> dict[str, dict]:
             start = time.perf_counter()
             result = run(i)
             seconds = time.perf_counter() - start
-            print(f"[{'warm-up' if i == 0 else f'repeat {i}'}] {name}: {seconds:.1f} s, load average "
-                  f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
             if name.startswith("ours"):
                 rollout, row_steps = result
+                print(f"[{'warm-up' if i == 0 else f'repeat {i}'}] {name}: {seconds:.1f} s, "
+                      f"{rollout.lengths.sum()} real tokens in {row_steps} row-steps, lengths "
+                      f"{rollout.lengths.tolist()}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
                 if i in reference and not np.array_equal(rollout.tokens, reference[i].tokens):
                     out[name]["flips"] += near_ties(model, reference[i], rollout, jax.random.key(i), config)
                 reference.setdefault(i, rollout)
@@ -210,6 +232,11 @@ def report(results, args, n, load_before):
     print(f"  completion lengths (last repeat): mean {lengths.mean():.1f}, median {np.median(lengths):.0f}, p90 "
           f"{np.percentile(lengths, 90):.0f}, max {lengths.max()}, truncated "
           f"{np.mean(lengths == args.max_new_tokens):.0%}")
+    real = int(lengths.sum())
+    for rows in (8, 16, 32, len(lengths)):
+        print(f"  real tokens per decode row-step at {rows} rows in flight (replayed from these lengths): static "
+              f"{real / static_row_steps(lengths.tolist(), rows):.1%}, slots "
+              f"{real / slots_row_steps(lengths.tolist(), rows):.1%}")
     med = {name: statistics.median(r["seconds"]) for name, r in results.items()}
     for name, r in results.items():
         use = "" if r["row_steps"][0] is None else (

@@ -2,6 +2,9 @@
 token for token whatever S (and as the static path), on one device and on a mesh, with ragged lengths; a refill
 frees no row-step it should not; the programs are few and the whole rollout is one device call."""
 
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -9,6 +12,9 @@ import pytest
 from sfpo_jax.parallel import make_mesh
 from sfpo_jax.sampling import FinishReason, Sampler, SamplingConfig
 from tests.test_sampling import PAD, PROMPTS, VOCAB, make_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import bench_rollout
 
 # Many EOS ids: the tiny random model stops after a few tokens on some rows, runs to max_new_tokens on others.
 EOS = (3, 7, 11, 20, 30, 40, 50, 60, 70, 80)
@@ -50,6 +56,8 @@ def test_slots_give_the_static_rollout(model, static, slots):
         assert sampler.row_steps == slots * steps and real <= sampler.row_steps
         assert steps < 24 * RAGGED.max_new_tokens // slots + RAGGED.max_new_tokens
         assert sampler.row_steps - real < slots * RAGGED.max_new_tokens  # the drain, at most one row's length each
+        # The schedule is the documented one: bench_rollout's host replay of it gives the engine's row-steps.
+        assert sampler.row_steps == bench_rollout.slots_row_steps(static.lengths.tolist(), slots)
 
 
 def test_refill_beats_the_static_path_at_the_same_rows_in_flight(model):
