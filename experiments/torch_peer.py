@@ -8,8 +8,12 @@ load average ~9: a 2 × 64 forward took 1.3–3.7 s with `OMP_WAIT_POLICY=ACTIVE
 command per stdin line with the seconds the call took, so the caller can interleave it with its own timings.
 
     python experiments/torch_peer.py MODEL_DIR [float32|bfloat16]
-    stdin:  generate SEED NEW_TOKENS IDS.npy | forward IDS.npy | grad IDS.npy | quit
+    stdin:  generate SEED NEW_TOKENS IDS.npy | rollout SEED NEW_TOKENS EOS ROWS IDS.npy | forward IDS.npy |
+            grad IDS.npy | quit
     stdout: a line "ready THREADS DEVICE", then one float per command (seconds)
+
+`rollout` (W7) samples the left-padded rows of IDS.npy (-1: padding) in calls of ROWS rows, each stopping at EOS
+(`generate` runs a call until its every row has ended), and writes the completions' lengths to IDS.npy.lengths.npy.
 
 The model runs on the GPU when PyTorch sees one (each timed call then ends with `torch.cuda.synchronize()`), else on
 the CPU.
@@ -48,12 +52,17 @@ class TorchPeer:
     def time(self, cmd: str, ids: np.ndarray, *args) -> float:
         path = Path(self._tmp.name) / f"{ids.shape[0]}x{ids.shape[1]}.npy"
         np.save(path, ids)
+        self._last = path
         self._proc.stdin.write(" ".join([cmd, *map(str, args), str(path)]) + "\n")
         self._proc.stdin.flush()
         reply = self._proc.stdout.readline()
         if not reply:
             raise RuntimeError(f"torch_peer exited during {cmd!r}")
         return float(reply)
+
+    def last_output(self, name: str) -> Path:
+        """The file of the last command's output `name` (e.g. `rollout`'s "lengths")."""
+        return self._last.with_name(f"{self._last.name}.{name}.npy")
 
     def close(self):
         self._proc.stdin.write("quit\n")
@@ -86,6 +95,9 @@ def main():
                                      top_k=0, top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                      pad_token_id=0)
             assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens)
+        elif cmd == "rollout":
+            torch.manual_seed(int(args[0]))
+            lengths = _rollout(model, ids, *map(int, args[1:4]))
         elif cmd == "forward":
             with torch.inference_mode():
                 model(input_ids=ids)
@@ -99,7 +111,27 @@ def main():
             raise ValueError(f"unknown command {cmd!r}")
         if device == "cuda":  # CUDA calls return before the GPU is done
             torch.cuda.synchronize()
-        print(time.perf_counter() - start, flush=True)
+        seconds = time.perf_counter() - start
+        if cmd == "rollout":
+            np.save(f"{args[-1]}.lengths.npy", lengths)
+        print(seconds, flush=True)
+
+
+def _rollout(model, ids, new_tokens: int, eos: int, rows: int) -> np.ndarray:
+    """`rollout`: the completions' lengths (up to and including EOS)."""
+    import torch
+
+    mask, lengths = (ids >= 0).long(), []
+    ids = ids.clamp(min=0)
+    with torch.no_grad():
+        for start in range(0, len(ids), rows):
+            part = slice(start, start + rows)
+            out = model.generate(ids[part], attention_mask=mask[part], do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=eos)
+            new = (out[:, ids.shape[1]:] == eos).cpu().numpy()
+            ended = new.any(axis=1)
+            lengths.append(np.where(ended, new.argmax(axis=1) + 1, new.shape[1]))
+    return np.concatenate(lengths)
 
 
 if __name__ == "__main__":

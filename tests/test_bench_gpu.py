@@ -21,7 +21,10 @@ TINY_FIGURES = {
     *(f"w2/{a}_{f}" for a in ("grpo", "sfpo") for f in ("step_s", "sample_s", "update_call_ms")),
     "w3/adamw_call_ms", "w3/sfpo_call_ms", "w3/sfpo_over_adamw",
     *(f"model/{p}_{r}x{t}_ms" for p in ("forward", "forward_backward") for r, t in bench_gpu.TINY.shapes),
+    *(f"w7/{side}_{f}" for side in ("slots", "static") for f in ("new_tokens_per_s", "real_row_steps")),
+    "w7/slots_over_static",
 }
+KNOWN_FLOORS = {"w7/slots_real_row_steps", "w7/static_real_row_steps"}  # 1: every decode row-step a real token
 
 
 def test_tiny_run_on_cpu_writes_every_figure(tmp_path):
@@ -46,7 +49,10 @@ def test_tiny_run_on_cpu_writes_every_figure(tmp_path):
         assert math.isfinite(f["value"]) and f["value"] > 0, name
         # (a decode-step sample is a difference of two timed calls: on a loaded machine one may come out ≤ 0)
         assert len(f["samples"]) == 3 and all(math.isfinite(x) for x in f["samples"]), name
-        assert f["floor"] == "unknown" and f["fraction_of_floor"] == "unknown", name
+        if name in KNOWN_FLOORS:
+            assert f["floor"] == 1.0 and 0 < f["fraction_of_floor"] <= 1, name
+        else:
+            assert f["floor"] == "unknown" and f["fraction_of_floor"] == "unknown", name
     assert result["figures"]["w2/sfpo_step_s"]["floor_basis"].startswith("generate floor + 4 update-call")
     assert all(t > 0 for t in result["elapsed_s"].values())
     # The printed table: one row per figure, and where the JSON went.

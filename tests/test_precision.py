@@ -157,9 +157,12 @@ def test_float32_masters_are_cast_once_per_generate_call(monkeypatch):
         np.testing.assert_array_equal(a, b, err_msg=name)
     # Inside the decode program no float32 -> bfloat16 convert of a parameter remains (activations are float32 and
     # are cast at each product).
-    prog = next(iter(sampler._programs.values()))
-    cache = prog.prefill(cast, jnp.ones((8, 15), jnp.int32), jnp.ones((8, 15), bool))
-    jaxpr = jax.make_jaxpr(prog.decode)(cast, cache, jnp.ones((8,), jnp.int32), jax.random.key(0)).jaxpr
+    ((shape, prog),) = sampler._programs.items()
+    decode_args = []  # the arguments generate passes the decode program, recorded
+    sampler._programs[shape] = prog._replace(decode=lambda *a: decode_args.append(a) or prog.decode(*a))
+    sampler.generate(PROMPTS, config, jax.random.key(0), chunk_size=2, params=cast)
+    sampler._programs[shape] = prog
+    jaxpr = jax.make_jaxpr(prog.decode)(*decode_args[0]).jaxpr
     narrowing = [e for e in _convert_eqns(jaxpr) if e.invars[0].aval.dtype == F32 and e.params["new_dtype"] == BF16]
     param_shapes = {x.shape for x in jax.tree.leaves(cast)}
     assert not [e for e in narrowing if e.invars[0].aval.shape in param_shapes]

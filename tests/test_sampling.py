@@ -381,8 +381,8 @@ def test_samples_share_their_prompts_prefill(sampler, num_samples):
     np.testing.assert_array_equal(shared.tokens, alone.tokens)
     np.testing.assert_array_equal(shared.prompt_tokens, alone.prompt_tokens)
     np.testing.assert_allclose(shared.logprobs, alone.logprobs, atol=1e-5)
-    # Programs of a 16-row batch (keyed by b, p, s, spec, prefill rows): the shared prefill's 4 rows, and alone's.
-    assert {k[4] for k in sampler._programs if k[0] == 16 and k[3].max_new_tokens == 6} == {4, None}
+    # Programs of a 16-row batch: the shared prefill's bank of 4 rows, and alone's 16 (a row per slot).
+    assert {k.bank_rows for k in sampler._programs if k.slots == 16 and k.spec.max_new_tokens == 6} == {4, 16}
 
 
 def test_compiles_once_per_bucket(model):
@@ -504,9 +504,10 @@ def test_generate_argument_validation(model, kwargs, match):
     assert sampler.num_traces == 0
 
 
-def test_chunked_generation_is_the_chunks_rollouts_concatenated(model):
-    """`chunk_size`: chunk i keyed `fold_in(key, i)`, all chunks at the whole batch's prompt length (so equal chunks
-    share one program), concatenated; a chunk size covering the batch is the unchunked call, bit for bit."""
+def test_chunking_changes_no_token(model):
+    """`chunk_size` bounds the prompts per call and nothing else: every chunk is padded to the whole batch's prompt
+    length (equal chunks share one program), and each sequence draws from its own stream (its index in the whole
+    rollout), so the chunks' rollouts concatenated are the unchunked rollout."""
     prompts = [[5, 17, 3], [11, 12], [60] * 20, [i % VOCAB + 1 for i in range(9)], [7, 8, 9, 10], [3]]
     sampler = Sampler(model, pad_token_id=PAD)
     config = SamplingConfig(max_new_tokens=6, num_samples=2)
@@ -514,22 +515,18 @@ def test_chunked_generation_is_the_chunks_rollouts_concatenated(model):
     chunked = sampler.generate(prompts, config, key, chunk_size=2)
     # Chunks 0 and 2 alone would pad to 16, chunk 1 to 32: all are padded to the batch's 32, one program.
     assert chunked.prompt_tokens.shape == (12, 32) and len(sampler._programs) == 1 and sampler.num_traces == 2
-    parts = [sampler.generate(prompts[i: i + 2], config, jax.random.fold_in(key, c), prompt_length=32)
-             for c, i in enumerate(range(0, 6, 2))]
-    for name, whole, *pieces in zip(chunked._fields, chunked, *parts, strict=True):
-        np.testing.assert_array_equal(whole, np.concatenate(pieces), err_msg=name)
-    assert not np.array_equal(parts[0].tokens, parts[2].tokens)  # each chunk drew its own key
-    assert sampler.num_traces == 2
-    whole = sampler.generate(prompts, config, key)
-    for chunk_size in (None, 6, 9):
-        for name, a, b in zip(whole._fields, whole, sampler.generate(prompts, config, key, chunk_size=chunk_size),
-                              strict=True):
-            np.testing.assert_array_equal(a, b, err_msg=f"{name}, chunk_size={chunk_size}")
-    # A smaller last chunk (4 + 2 prompts), and an explicit prompt length shared by the chunks.
+    whole = sampler.generate(prompts, config, key, prompt_length=32)
+    for chunk_size in (2, 4, 6, 9):  # 4: a smaller last chunk
+        r = chunked if chunk_size == 2 else sampler.generate(prompts, config, key, chunk_size=chunk_size)
+        np.testing.assert_array_equal(r.tokens, whole.tokens, err_msg=f"chunk_size={chunk_size}")
+        np.testing.assert_allclose(r.logprobs, whole.logprobs, atol=1e-5, err_msg=f"chunk_size={chunk_size}")
+        for name in ("prompt_tokens", "prompt_mask", "mask", "lengths", "finish_reason"):
+            np.testing.assert_array_equal(getattr(r, name), getattr(whole, name), err_msg=name)
+    # A chunk sampled on its own is not a part of the whole: its sequences are numbered from 0.
+    alone = sampler.generate(prompts[2:4], config, key, prompt_length=32)
+    assert not np.array_equal(alone.tokens, whole.tokens[4:8])
     r = sampler.generate(prompts, config, key, chunk_size=4, prompt_length=40)
     assert r.tokens.shape == (12, 6) and r.prompt_tokens.shape == (12, 40)
-    first = sampler.generate(prompts[:4], config, jax.random.fold_in(key, 0), prompt_length=40)
-    np.testing.assert_array_equal(r.tokens[:8], first.tokens)
 
 
 def test_concat_rollouts_checks_widths(sampler):

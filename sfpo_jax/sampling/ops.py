@@ -20,12 +20,32 @@ def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     vocabulary.
 
     Args:
-      key: a PRNG key.
+      key: a PRNG key, or `[B]` keys, one per row (`row_keys`): then row i's draw depends on `key[i]` and its own
+        logits alone, not on the batch it sits in.
       logits: `[B, V]` float32; `-inf` entries are never drawn (each row needs one finite entry).
     Returns:
       `[B] int32` ids.
     """
     return _inverse_cdf(key, logits)[0]
+
+
+def row_keys(key: jax.Array, sequences: jax.Array, positions: jax.Array) -> jax.Array:
+    """The per-sequence PRNG streams of a decode step: `fold_in(fold_in(key, sequences[i]), positions[i])` for
+    each row i (`sequences`, `positions`: `[B] int32`), as `[B]` keys.
+
+    A sequence's draws thus depend on its own index and position only, never on which decode slot or batch row it
+    occupies or on a global step counter: the sampler's rollout is the same whatever the number of slots."""
+    return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.fold_in(key, s), t))(sequences, positions)
+
+
+def _uniforms(key: jax.Array, b: int) -> jax.Array:
+    """`[b, 1]` float32 uniforms in [0, 1): drawn from one key, or one from each of `b` per-row keys."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if key.ndim == (1 if typed else 2):
+        if key.shape[0] != b:
+            raise ValueError(f"{key.shape[0]} row keys for {b} rows")
+        return jax.vmap(lambda k: jax.random.uniform(k, ()))(key)[:, None]
+    return jax.random.uniform(key, (b, 1))
 
 
 def _inverse_cdf(key: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -38,7 +58,7 @@ def _inverse_cdf(key: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Arra
     block_cdf = jnp.cumsum(blocks.sum(-1), axis=-1)  # [B, nb]
     total = block_cdf[:, -1:]
     # u in [0, total): strictly below the total even after rounding, so some block's cdf exceeds it.
-    u = jnp.minimum(jax.random.uniform(key, (b, 1)) * total, jnp.nextafter(total, 0.0))
+    u = jnp.minimum(_uniforms(key, b) * total, jnp.nextafter(total, 0.0))
     # The first entry whose cdf exceeds u; its cdf rose past u, so its mass is positive (zero-mass entries never
     # raise a float sum).
     j = jnp.sum(block_cdf <= u, axis=-1)  # [B] < nb
@@ -67,7 +87,7 @@ def sample_logits(key: jax.Array, logits: jax.Array, *, temperature: float, top_
     """Draws one token per row.
 
     Args:
-      key: a PRNG key (unused when `temperature == 0`).
+      key: a PRNG key, or `[B]` keys, one per row (see `categorical`); unused when `temperature == 0`.
       logits: `[B, V] float32` raw logits.
       temperature, top_k, top_p: Python scalars (static: each combination is its own program), see
         `SamplingConfig`; the tokens kept are `filter_logits`'.

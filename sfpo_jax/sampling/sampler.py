@@ -1,14 +1,22 @@
 """Batched generation with a KV cache: one prefill pass, then a `lax.while_loop` decode loop, both jitted.
 
 A call to `Sampler.generate` left-pads the prompts to a bucketed length P (`prompt_bucket`, or the caller's
-`prompt_length`) and the batch to a bucketed size B, so a training run compiles one (prefill, decode) pair per
-(B, P, sampling settings), not one per batch; `chunk_size` splits a large batch into calls of bounded memory that
-share P (so equal chunks share one program). The prefill writes the first P-1 prompt columns into a fresh cache of
-that length, extends it to the full cache length S and returns only the cache (so no `[B, P, V]` logits are ever
-computed); the decode program, which receives the cache donated, starts by feeding the last prompt column (real for
-every row, since prompts are left-padded) and then feeds back each sampled token. With `num_samples` > 1 (GRPO's
-groups) the prefill runs once per prompt, not once per sample, and copies each prompt's cache rows to its samples'
-rows: the same rollout for a fraction of the prefill.
+`prompt_length`) and the batch to a bucketed size, so a training run compiles one (prefill, decode) pair per
+(rows, P, sampling settings), not one per batch; `chunk_size` splits a large batch into calls that share P (so equal
+chunks share one program). The prefill writes the first P-1 prompt columns of each prompt into a *bank*, a cache of
+that length (so no `[B, P, V]` logits are ever computed, and a prompt's attention spans its own columns only); the
+decode program (`sfpo_jax.sampling.slots.decode`) builds its cache of C = P + max_new_tokens slots per row from the
+bank, feeds each row's last prompt column (real for every row, since prompts are left-padded) and then each
+sampled token. With `num_samples` > 1 (GRPO's groups) the bank holds one row per prompt, copied to each of its
+samples' rows: the same rollout for a fraction of the prefill.
+
+Two decode paths, one rollout. Static (`slots=None`, or at least N sequences): every sequence in flight from the
+start, the call runs until its longest row ends. Continuous batching (`slots=S` < N): S decode rows, and a row that
+ends takes the next pending sequence in the same loop iteration (its prompt's bank row copied in), all in one device
+call; the cache has S rows whatever N. Each sequence draws from its own PRNG stream
+(`fold_in(fold_in(key, sequence), position)`), so S, `chunk_size` and the order in which rows finish change no
+token; log-probs can differ by float rounding (a sum's order depends on the batch), and so, very rarely, can a draw
+whose uniform falls within that rounding of a boundary between two tokens.
 
 Precision: the programs compute in the model's compute dtype (`CausalLM.dtype`): float params (e.g. float32 masters
 of a bfloat16-compute model) are cast to it once per `generate` call, and the KV cache is in it; logits, sampling
@@ -16,18 +24,22 @@ and log-probs are float32.
 
 Sharding: with a `mesh`, params follow their logical axes (`sfpo_jax.parallel.param_shardings`), the batch is
 split over the axes of the `batch` rule (data, fsdp) and the cache's kv heads over `tensor`; the jitted programs
-carry these as explicit `in_shardings` / `out_shardings`.
+carry these as explicit `in_shardings` / `out_shardings`. The decode slots are split over the batch axes too; the
+bank (where samples or refills copy from it) is whole on every device, so that a refill is a local gather, and with
+refills the outputs (rows by sequence, written from any slot) are replicated.
 
 Multi-host: every process calls `generate` with its own prompts (the same number on each) and the same
 `prompt_length`, one that does not depend on the local prompts (`prompt_length=prompt_bucket(global_longest)`, the
 longest prompt of all processes); the local batches become one global array (`sfpo_jax.parallel.to_global`), and
-each process gets back the `Rollout` of its own prompts.
+each process gets back the `Rollout` of its own prompts. With `slots`, S counts the rows of all processes, the
+sequences are numbered process by process, and every process runs the same two device calls per chunk (the decode
+loop's stopping test is over the global slots).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -36,13 +48,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sfpo_jax.models import KVCache, cast_product_operands, needs_product_cast
 from sfpo_jax.parallel import logical_sharding, num_shards, param_shardings, to_global
 from sfpo_jax.sampling.config import SamplingConfig
-from sfpo_jax.sampling.ops import sample_with_logprobs
+from sfpo_jax.sampling.slots import DecodeSpec, Plan, decode
 
 DEFAULT_PROMPT_BUCKETS = tuple(2**i for i in range(4, 16))  # 16 … 32768
 
@@ -117,23 +128,24 @@ def concat_rollouts(rollouts: Sequence[Rollout]) -> Rollout:
     return Rollout(*(np.concatenate(fields, axis=0) for fields in zip(*rollouts, strict=True)))
 
 
-@dataclasses.dataclass(frozen=True)
-class _DecodeSpec:
-    """The static part of the decode program."""
-
-    max_new_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    eos_token_ids: tuple[int, ...]
-    pad_token_id: int
-
-
 class _Program(NamedTuple):
-    prefill: Any
-    decode: Any
-    prompt_sharding: Any  # of the prefill's `[B or prefill_rows, T]` inputs, or None without a mesh
-    row_sharding: Any  # of `[B]` inputs
+    prefill: Any  # (state, ids [U, P - 1], mask [U, P - 1]) -> the bank, `KVCache` [U, P - 1]
+    decode: Any  # (state, bank, last [U], plan, key) -> `slots.decode`'s outputs
+    prompt_sharding: Any  # of the prefill's `[U, T]` inputs, or None without a mesh
+    row_sharding: Any  # of `[U]` inputs
+
+
+class _Shape(NamedTuple):
+    """What picks a compiled (prefill, decode) pair: the static shapes and settings of one call."""
+
+    slots: int  # S, decode rows
+    n_out: int  # sequences padded (the sentinel of a free slot)
+    bank_rows: int  # U, prefilled rows over all processes
+    prompt_length: int  # P
+    cache_length: int  # C
+    spec: DecodeSpec
+    refills: int  # 0: the static path
+    direct: bool  # the bank is the slots' cache (static path, a bank row per slot)
 
 
 class Sampler:
@@ -184,6 +196,7 @@ class Sampler:
         self.batch_multiple = math.lcm(batch_multiple, self._batch_shards)
         self._programs: dict[tuple, _Program] = {}
         self.num_traces = 0  # how many times a prefill / decode program was traced (= compiled): tests, logs
+        self.row_steps = 0  # decode row-steps (rows in flight x decode steps) of the last `generate`: benchmarks
 
     # ----------------------------------------------------------------------------------------------- shapes
     def _prompt_bucket(self, longest: int) -> int:
@@ -232,48 +245,59 @@ class Sampler:
         return p, p + new
 
     # --------------------------------------------------------------------------------------------- programs
-    def _program(self, b: int, p: int, s: int, spec: _DecodeSpec, prefill_rows: int | None = None) -> _Program:
-        """The (prefill, decode) pair of a batch of `b` rows, prompts of `p` columns, `s` cache slots. With
-        `prefill_rows`, the prefill takes that many rows (one per prompt) and a `[b]` row index that copies them
-        into the decode batch's rows (one per sample)."""
-        key = (b, p, s, spec, prefill_rows)
-        if key in self._programs:
-            return self._programs[key]
-        graphdef = self._graphdef
+    def _program(self, shape: _Shape) -> _Program:
+        """The (prefill, decode) pair of one `_Shape`, compiled on first use."""
+        if shape in self._programs:
+            return self._programs[shape]
+        graphdef, u = self._graphdef, shape.bank_rows
 
-        def prefill(state, ids, mask, rows=None):
+        def prefill(state, ids, mask):
             self.num_traces += 1
             model = nnx.merge(graphdef, state)
-            # Prefilled into a cache of the prompt's own length, then extended to S slots: the prompt's attention
-            # scores span its P - 1 columns, not all S slots (7.3 → 0.55 GB of temporaries for 8 prompts of 1k
-            # tokens and 8k new ones on a small model).
+            # Prefilled into a cache of the prompt's own length P - 1 (decode extends or copies it into C slots):
+            # the prompt's attention scores span its P - 1 columns, not all C (7.3 → 0.55 GB of temporaries for 8
+            # prompts of 1k tokens and 8k new ones on a small model).
             cache = model.init_cache(ids.shape[0], ids.shape[1])
             if ids.shape[1] > 0:
                 _, cache = model(ids, attention_mask=mask, cache=cache)  # logits unused: XLA drops the LM head
-            return (cache if rows is None else cache.take_rows(rows)).extend(s)
+            return cache
 
-        def decode(state, cache, last, key):
+        def run(state, bank, last, plan, key, constrain=lambda cache: cache):
             self.num_traces += 1
-            return _decode_loop(nnx.merge(graphdef, state), cache, last, key, spec)
+            return decode(nnx.merge(graphdef, state), bank, last, plan, key, shape.spec,
+                          cache_length=shape.cache_length, refills=shape.refills, direct=shape.direct,
+                          constrain=constrain)
 
         if self.mesh is None:
-            prog = _Program(jax.jit(prefill), jax.jit(decode, donate_argnums=1), None, None)
+            prog = _Program(jax.jit(prefill), jax.jit(run), None, None)
         else:
-            shard = lambda axes, shape: logical_sharding(self.mesh, axes, self.rules, shape)
-            cache_shapes = jax.eval_shape(lambda: self.model.init_cache(b, s))
-            cache_sh = jax.tree.map(lambda axes, x: shard(axes, x.shape), KVCache.logical_axes(), cache_shapes,
-                                    is_leaf=lambda x: type(x) is tuple)
-            rows2, rows1 = shard(("batch", None), (b, 2)), shard(("batch",), (b,))
-            prompts2 = shard(("batch", None), (prefill_rows or b, 2))
-            replicated = NamedSharding(self.mesh, PartitionSpec())
+            shard = lambda axes, dims: logical_sharding(self.mesh, axes, self.rules, dims)
+            is_axes = lambda x: type(x) is tuple
+
+            def cache_sharding(rows, length, batch):  # the bank unsplit over batch axes where `batch` is None
+                shapes = jax.eval_shape(lambda: self.model.init_cache(rows, length))
+                return jax.tree.map(lambda axes, x: shard(tuple(batch if a == "batch" else a for a in axes), x.shape),
+                                    KVCache.logical_axes(), shapes, is_leaf=is_axes)
+
+            slots_sh = cache_sharding(shape.slots, shape.cache_length, "batch")
+            # A refilled slot reads any prompt: the bank is whole on every device (a gather, not a collective,
+            # per refill); so is it where samples copy their prompt's row at the start.
+            bank_sh = cache_sharding(u, shape.prompt_length - 1, "batch" if shape.direct else None)
+            prompts2, rows1 = shard(("batch", None), (u, 2)), shard(("batch",), (u,))
+            whole = NamedSharding(self.mesh, PartitionSpec())
             params = self._param_shardings
-            inputs = (params, prompts2, prompts2) + (() if prefill_rows is None else (rows1,))
+            constrain = lambda cache: jax.lax.with_sharding_constraint(cache, slots_sh)
+            if shape.refills:  # outputs indexed by sequence, written from any slot
+                outs = whole
+            else:  # by slot
+                outs = (shard(("batch", None), (shape.slots, 2)),) * 2 + (shard(("batch",), (shape.slots,)),) * 2
+                outs += (whole,)
             prog = _Program(
-                jax.jit(prefill, in_shardings=inputs, out_shardings=cache_sh),
-                jax.jit(decode, in_shardings=(params, cache_sh, rows1, replicated),
-                        out_shardings=(rows2, rows2, rows1, rows1, cache_sh), donate_argnums=1),
+                jax.jit(prefill, in_shardings=(params, prompts2, prompts2), out_shardings=bank_sh),
+                jax.jit(functools.partial(run, constrain=constrain), in_shardings=(params, bank_sh, rows1, whole,
+                        whole), out_shardings=outs),
                 prompts2, rows1)
-        self._programs[key] = prog
+        self._programs[shape] = prog
         return prog
 
     def _put(self, x: np.ndarray, sharding):
@@ -301,8 +325,13 @@ class Sampler:
     # ------------------------------------------------------------------------------------------------ generate
     def generate(self, prompts: Sequence[Sequence[int]], config: SamplingConfig, key: jax.Array, *,
                  params: nnx.State | None = None, prompt_length: int | None = None,
-                 chunk_size: int | None = None) -> Rollout:
+                 chunk_size: int | None = None, slots: int | None = None) -> Rollout:
         """Samples `config.num_samples` completions of every prompt.
+
+        A rollout is a function of (params, prompts, config, key) alone: sequence i (its index in the whole
+        rollout, over chunks and processes) draws its token t with `fold_in(fold_in(key, i), t)`, so `slots` and
+        `chunk_size` change no token (and log-probs only by float rounding: a batch's composition can change the
+        order of a sum).
 
         Args:
           prompts: token-id lists of any (non-zero) lengths.
@@ -315,30 +344,35 @@ class Sampler:
             (`prompt_bucket`, or the constructor's `prompt_buckets`); at least the longest prompt's length
             (ValueError otherwise). With `max_cache_length` it is clamped to `max_cache_length - max_new_tokens`
             like a bucket. Multi-host callers pass the same value on every process.
-          chunk_size: sample at most this many prompts per (prefill, decode) call, so that memory is bounded
-            whatever the batch size: chunk `i` (prompts `[i * chunk_size, (i + 1) * chunk_size)`) samples with
-            `jax.random.fold_in(key, i)`. None, or at least `len(prompts)`, is one call with `key` itself (the
-            unchunked rollout, bit for bit). All chunks are padded to the whole batch's prompt length, so equal
-            chunks reuse one compiled program (a smaller last chunk may compile one more), and the rollout is the
-            chunks' rollouts concatenated.
+          chunk_size: prefill and decode at most this many prompts per call, padded to the whole batch's prompt
+            length (so equal chunks share programs): bounds the prompt bank and the output rows; the rollout is
+            the unchunked one. None: all at once.
+          slots: decode the N = len(prompts) · num_samples sequences (over all processes) through this many
+            decode rows (continuous batching, `sfpo_jax.sampling.slots`): when a row ends, the next pending
+            sequence takes it in the same device call. The decode cache has `slots` rows whatever N; a multiple
+            of the batch shards of the mesh. None, or at least N: every sequence in flight at once (the static
+            path: one call decodes until its longest row ends).
         Returns:
           A `Rollout` of N = len(prompts) · num_samples rows, group by group.
         """
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size={chunk_size!r} must be a positive int or None")
+        for name, value in (("chunk_size", chunk_size), ("slots", slots)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive int or None")
+        if slots is not None and slots % self._batch_shards:
+            raise ValueError(f"slots={slots} must be a multiple of the mesh's {self._batch_shards} batch shards")
         p, s = self._lengths(prompts, config, prompt_length)
-        spec = _DecodeSpec(config.max_new_tokens, float(config.temperature), config.top_k, float(config.top_p),
-                           config.eos_token_ids, self.pad_token_id)
+        spec = DecodeSpec(config.max_new_tokens, float(config.temperature), config.top_k, float(config.top_p),
+                          config.eos_token_ids, self.pad_token_id)
         state = nnx.state(self.model) if params is None else params
         if self._param_shardings is not None:
             state = jax.device_put(state, self._param_shardings)  # no copy when already placed so
         state = self._compute_params(state)
-        if chunk_size is None or len(prompts) <= chunk_size:
-            return self._generate(prompts, config, key, state, spec, p, s)
+        chunk = len(prompts) if chunk_size is None else chunk_size
+        self.row_steps = 0
         return concat_rollouts([
-            self._generate(prompts[start : start + chunk_size], config, jax.random.fold_in(key, i), state, spec, p, s)
-            for i, start in enumerate(range(0, len(prompts), chunk_size))])
+            self._generate(prompts[start : start + chunk], config, key, state, spec, p, s, slots,
+                           (start, len(prompts)))
+            for start in range(0, len(prompts), chunk)])
 
     def _left_pad(self, prompts, copies: int, b: int, p: int) -> tuple[np.ndarray, np.ndarray]:
         """`(ids, mask)`, both `[b, p]`: `copies` rows of each prompt, left-padded to `p` columns, in order, then
@@ -352,75 +386,65 @@ class Sampler:
         mask[len(prompts) * copies:, -1] = True
         return ids, mask
 
-    def _generate(self, prompts, config: SamplingConfig, key, state, spec: _DecodeSpec, p: int, s: int) -> Rollout:
-        """One (prefill, decode) call on `prompts` padded to `p` columns, with `state` already in the compute dtype
-        and placed."""
-        g = config.num_samples
-        n = len(prompts) * g
-        b = _round_up(n, self.batch_multiple)
-        ids, mask = self._left_pad(prompts, g, b, p)
-        # The samples of a prompt share its prefill: the prefill runs on one row per prompt (padded to a power of
-        # two, so that few programs serve any number of prompts) and its cache rows are copied to the samples' rows
-        # (a prompt's cache does not depend on what is sampled after it).
+    def _generate(self, prompts, config: SamplingConfig, key, state, spec: DecodeSpec, p: int, c: int,
+                  slots: int | None, chunk: tuple[int, int]) -> Rollout:
+        """One (prefill, decode) call on `prompts` padded to `p` columns, `c` cache slots, with `state` already in
+        the compute dtype and placed; `chunk`: (the first prompt's index, the prompts of the whole call) on this
+        process, for the sequences' PRNG indices."""
+        g, pc, n = config.num_samples, jax.process_count(), len(prompts) * config.num_samples
+        total = pc * n  # sequences over all processes, process by process
+        # The samples of a prompt share its prefill: one bank row per prompt (padded to a power of two, so that few
+        # programs serve any number of prompts), copied to each sample's slot; or, where that saves nothing, the
+        # static batch itself (a row per sample).
         u = _round_up(1 << (len(prompts) - 1).bit_length(), self._batch_shards)
-        if g > 1 and u < b:
-            prog = self._program(b, p, s, spec, prefill_rows=u)
-            prefill_ids, prefill_mask = self._left_pad(prompts, 1, u, p)
-            # Row r of the batch is sample r % g of prompt r // g; a batch padding row (r >= n) copies any row, its
-            # output is dropped.
-            rows = np.minimum(np.arange(b) // g, u - 1).astype(np.int32)
-            rows += jax.process_index() * u  # to_global's layout: each process's rows, in process order
-            copy = (self._put(rows, prog.row_sharding),)
-        else:
-            prog = self._program(b, p, s, spec)
-            prefill_ids, prefill_mask, copy = ids, mask, ()
-        cache = prog.prefill(state, self._put(prefill_ids[:, :-1], prog.prompt_sharding),
-                             self._put(prefill_mask[:, :-1], prog.prompt_sharding), *copy)
-        # The final cache is returned only so that the donated one can be updated in place; it is dropped here.
-        tokens, logprobs, lengths, eos, _ = prog.decode(state, cache, self._put(ids[:, -1], prog.row_sharding), key)
-        tokens, logprobs, lengths, eos = (self._get(x)[:n] for x in (tokens, logprobs, lengths, eos))
+        refill = slots is not None and total > slots
+        b = _round_up(n, self.batch_multiple)  # the static path's rows per process
+        rows = slots if refill else pc * b  # decode rows over all processes
+        direct = not refill and (g == 1 or u >= b)
+        copies, u = (g, b) if direct else (1, u)  # bank rows per prompt, per process
+        # Sequences padded to a power of two (only the outputs' rows), so that few programs serve any number.
+        n_out = _round_up(1 << (total - 1).bit_length(), self.batch_multiple) if refill else rows
+        ids, mask = self._left_pad(prompts, copies, u, p)
+        plan = _plan(n, g // copies, u, b, rows, n_out, refill, chunk, g)
+        refills = max(1, rows // _SLOTS_PER_REFILL) if refill else 0
+        prog = self._program(_Shape(rows, n_out, pc * u, p, c, spec, refills, direct))
+        bank = prog.prefill(state, self._put(ids[:, :-1], prog.prompt_sharding),
+                            self._put(mask[:, :-1], prog.prompt_sharding))
+        out = prog.decode(state, bank, self._put(ids[:, -1], prog.row_sharding), plan, key)
+        tokens, logprobs, lengths, eos, steps = (self._get(x) for x in out)
+        self.row_steps += rows * int(steps)
+        mine = slice(jax.process_index() * n, (jax.process_index() + 1) * n) if refill else slice(0, n)
+        tokens, logprobs, lengths, eos = (x[mine] for x in (tokens, logprobs, lengths, eos))
+        ids, mask = (np.repeat(x[:len(prompts) * copies:copies], g, axis=0) for x in (ids, mask))
         steps = np.arange(config.max_new_tokens)
         return Rollout(
-            prompt_tokens=ids[:n], prompt_mask=mask[:n], tokens=tokens, logprobs=logprobs,
+            prompt_tokens=ids, prompt_mask=mask, tokens=tokens, logprobs=logprobs,
             mask=steps[None, :] < lengths[:, None], lengths=lengths,
             finish_reason=np.where(eos, FinishReason.EOS, FinishReason.LENGTH).astype(np.int32))
 
 
-def _decode_loop(model, cache: KVCache, last: jax.Array, key: jax.Array, spec: _DecodeSpec):
-    """Generates up to `spec.max_new_tokens` tokens per row, stopping once every row has produced an EOS.
+# With refills, at most one slot in this many takes a new sequence per decode step (at least one): the bank rows of
+# that many are gathered every step, used or not, and rows end far less often than that (W7: 1 in 54 per step).
+_SLOTS_PER_REFILL = 16
 
-    Args:
-      model: the merged `CausalLM`.
-      cache: holds the prompts but their last column.
-      last: `[B] int32`, the last prompt column (fed first).
-      key: PRNG key; step t samples with `fold_in(key, t)`.
-    Returns:
-      `tokens [B, M] int32` (pad after the end), `logprobs [B, M] float32` (0 after the end), `lengths [B] int32`,
-      `eos [B] bool` (whether the row ended with an EOS), and the final cache.
-    """
-    b, m = last.shape[0], spec.max_new_tokens
-    eos_ids = jnp.asarray(spec.eos_token_ids, jnp.int32)
 
-    def cond(carry):
-        step, _, _, done, *_ = carry
-        return (step < m) & ~jnp.all(done)
-
-    def body(carry):
-        step, cache, token, done, tokens, logprobs, lengths = carry
-        logits, cache = model(token[:, None], cache=cache)
-        logits = logits[:, 0]
-        new, logp = sample_with_logprobs(jax.random.fold_in(key, step), logits, temperature=spec.temperature,
-                                         top_k=spec.top_k, top_p=spec.top_p)
-        new = jnp.where(done, spec.pad_token_id, new)
-        logp = jnp.where(done, 0.0, logp)
-        tokens = lax.dynamic_update_slice(tokens, new[:, None], (0, step))
-        logprobs = lax.dynamic_update_slice(logprobs, logp[:, None], (0, step))
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | jnp.isin(new, eos_ids)
-        return step + 1, cache, new, done, tokens, logprobs, lengths
-
-    init = (jnp.zeros((), jnp.int32), cache, last, jnp.zeros((b,), jnp.bool_),
-            jnp.full((b, m), spec.pad_token_id, jnp.int32), jnp.zeros((b, m), jnp.float32),
-            jnp.zeros((b,), jnp.int32))
-    _, cache, _, done, tokens, logprobs, lengths = lax.while_loop(cond, body, init)
-    return tokens, logprobs, lengths, done, cache
+def _plan(n: int, per_row: int, u: int, b: int, rows: int, n_out: int, refill: bool, chunk: tuple[int, int],
+          g: int) -> Plan:
+    """The `Plan` of one call: `n` sequences per process, the bank's `u` rows per process holding `per_row`
+    consecutive sequences each (a prompt's g samples, or 1), `rows` slots (with `refill`), else `b` rows per
+    process (the static layout); `chunk` = (first prompt,
+    prompts of the whole call) on this process. Sequence s (over all processes, process by process) is sequence
+    i = s % n of process s // n, and its PRNG index is its position in the whole unchunked rollout of all
+    processes."""
+    pc = jax.process_count()
+    seq = np.arange(n_out)
+    proc, i = seq // n, seq % n
+    first, whole = chunk
+    seq_row = np.where(seq < pc * n, proc * u + i // per_row, 0)
+    seq_key = np.where(seq < pc * n, (proc * whole + first) * g + i, 0)
+    slot = np.arange(rows)
+    if refill:  # the first sequences in order; the others wait for a free slot
+        slot_seq = np.where(slot < pc * n, slot, n_out)
+    else:  # each process's batch rows: its sequences, then padding
+        slot_seq = np.where(slot % b < n, (slot // b) * n + slot % b, n_out)
+    return Plan(*(x.astype(np.int32) for x in (slot_seq, seq_row, seq_key)), np.int32(pc * n))

@@ -178,7 +178,7 @@ class RolloutConfig:
     micro_batch_size: int | None = None
     recompute_old_logprobs: bool = False
     # Prompts per sampler call on each process (None: the process's whole share at once). Smaller values bound
-    # the sampler's KV cache and prefill memory without changing the step's batch; each chunk draws its own key.
+    # the sampler's prefill (and, with decode_slots, its prompt bank) without changing any token of the rollout.
     generation_batch_size: int | None = None
     # DAPO's dynamic sampling (verl's algorithm.filter_groups): keep only the groups whose `filter_metric` is not
     # the same for every completion (the others have advantage 0 everywhere) and sample further rounds of
@@ -202,6 +202,10 @@ class RolloutConfig:
     # (None: 4 (P + T)).
     packing: Literal["none", "sequences", "groups"] = "none"
     packing_row_tokens: int | None = None
+    # Decode rows in flight per process (continuous batching, `Sampler.generate(slots=...)`): a row that ends takes
+    # the next pending sequence at once, so the sampler's KV cache has this many rows whatever the batch, and the
+    # rollout is the same token for token. None: every sequence of the process's call in flight at once (static).
+    decode_slots: int | None = None
 
     def __post_init__(self):
         if self.packing not in PACKING:
@@ -213,7 +217,8 @@ class RolloutConfig:
                   ("num_minibatches", self.num_minibatches >= 1),
                   ("micro_batch_size", self.micro_batch_size is None or self.micro_batch_size >= 1),
                   ("generation_batch_size", self.generation_batch_size is None or self.generation_batch_size >= 1),
-                  ("packing_row_tokens", self.packing_row_tokens is None or self.packing_row_tokens >= 1)]
+                  ("packing_row_tokens", self.packing_row_tokens is None or self.packing_row_tokens >= 1),
+                  ("decode_slots", self.decode_slots is None or self.decode_slots >= 1)]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 1")

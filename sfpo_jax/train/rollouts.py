@@ -176,8 +176,9 @@ class Rollouts:
         """Samples and grades one round of this process's prompts."""
         cfg, G = self.config, self.sampling.num_samples
         with timer("sample"):
+            slots = None if cfg.decode_slots is None else cfg.decode_slots * jax.process_count()
             rollout = self.sampler.generate(prompts, self.sampling, key, params=params, prompt_length=prompt_length,
-                                            chunk_size=cfg.generation_batch_size)
+                                            chunk_size=cfg.generation_batch_size, slots=slots)
         with timer("score"):
             task_rewards = checks.checked_rewards(self.reward_fn, rollout.texts(self.tokenizer),
                                                   [a for a in answers for _ in range(G)])
