@@ -104,7 +104,7 @@ def synthetic_batch(model, graphdef, params, n: int = 8, p: int = 5, t: int = 6)
     completion[::2, -2:] = False
     old = learner.make_logprob_fn(graphdef, None)(params, tokens, mask, completion)
     return learner.Batch(tokens, mask, completion, np.asarray(old), rng.normal(size=n).astype(np.float32),
-                         np.zeros((n, 0), np.float32))
+                         *[np.zeros((n, 0), np.float32)] * 2)
 
 
 def test_lora_gradient_is_the_chain_rule_through_the_dense_weight(policy_dir):

@@ -246,7 +246,7 @@ def make_logprob_fn(graphdef, micro_batch_size: int | None):
     @jax.jit
     def logprob_fn(params, tokens, attention_mask, completion_mask, layout: packing.Packed | None = None):
         num_micro = micro_batches_per_minibatch(tokens.shape[0], micro_batch_size, what="batch size")
-        batch = Batch(tokens, attention_mask, completion_mask, *(jnp.zeros(tokens.shape[:1]),) * 3)
+        batch = Batch(tokens, attention_mask, completion_mask, *(jnp.zeros(tokens.shape[:1]),) * 4)
         micro = micro_batches(batch, num_micro, layout)
 
         def forward(xs):
