@@ -124,7 +124,7 @@ def test_lora_gradient_is_the_chain_rule_through_the_dense_weight(policy_dir):
 
     copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the updates donate their params
     new_dense, _, dense_metrics = dense_update(copy(merged), tx.init(merged), batch)
-    new_adapters, _, lora_metrics = lora_update(copy(adapters), tx.init(adapters), batch, base)
+    new_adapters, _, lora_metrics = lora_update(copy(adapters), tx.init(adapters), batch, frozen=base)
     np.testing.assert_allclose(lora_metrics["loss"], dense_metrics["loss"], rtol=1e-6)
     grad_w = {k: flat(merged)[k] - v for k, v in flat(new_dense).items()}
     a, moved = flat(adapters), flat(new_adapters)

@@ -425,13 +425,14 @@ def test_calls_per_batch_needs_exactly_one_sfpo_state():
 
 @pytest.mark.parametrize("num_minibatches", [1, 2])
 def test_alpha_one_is_k_plus_one_epochs_of_the_inner_optimizer_bit_for_bit(num_minibatches):
-    """GRPO with K+1 epochs per batch (the compute-matched baseline) is SFPO with α = 1: no slow copy is kept and
+    """GRPO with K+1 epochs per batch (the compute-matched baseline) is SFPO with α = 1: θ_s is never stored and
     every call is the inner optimizer's, bit for bit."""
     K, inner = 3, optax.adamw(1e-2, weight_decay=0.1)
     tx = optax.chain(inner, sfpo(K, 1.0, num_minibatches, entropy_window=None))
     params = ref = {"w": jnp.linspace(-1.0, 1.0, 7)}
     state, ref_state = tx.init(params), inner.init(ref)
-    assert state[1].slow_params is None and calls_per_batch(state) == (K + 1) * num_minibatches
+    initial = jax.tree.map(jnp.copy, state[1].slow_params)
+    assert calls_per_batch(state) == (K + 1) * num_minibatches
     for batch in range(3):
         for call in range(calls_per_batch(state)):
             g = {"w": jnp.sin(params["w"] * (batch + 1) + call)}
@@ -440,3 +441,4 @@ def test_alpha_one_is_k_plus_one_epochs_of_the_inner_optimizer_bit_for_bit(num_m
             ref_updates, ref_state = inner.update({"w": jnp.sin(ref["w"] * (batch + 1) + call)}, ref_state, ref)
             ref = optax.apply_updates(ref, ref_updates)
         np.testing.assert_array_equal(params["w"], ref["w"])
+    np.testing.assert_array_equal(state[1].slow_params["w"], initial["w"])  # never stored

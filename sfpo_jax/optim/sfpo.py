@@ -129,9 +129,10 @@ def sfpo(
 
     ``num_fast_steps=0`` is the inner optimizer bit for bit (GRPO): the updates pass through untouched and
     nothing parameter-sized is stored. A constant ``alpha=1`` keeps :math:`\theta_K`: the reposition is the
-    identity, nothing is stored, and a batch is ``(K+1)·M`` calls of the inner optimizer bit for bit, i.e. GRPO
-    with K+1 epochs per batch (the compute-matched baseline, ``algo: grpo-epochs`` in the trainer). With donated
-    buffers the overhead is about one copy of the params per cycle (W3 in BENCHMARKS.md).
+    identity, θ_s is never stored (its buffer stays as initialised), and a batch is ``(K+1)·M`` calls of the inner
+    optimizer bit for bit, i.e. GRPO with K+1 epochs per batch (the compute-matched baseline, ``algo: grpo-epochs``
+    in the trainer). With donated buffers the overhead is about one copy of the params per cycle (W3 in
+    BENCHMARKS.md).
 
     **Switch to GRPO.** Pass each call's mini-batch mean token entropy as ``tx.update(..., entropy=h)`` (the
     entropy of the policy being updated, on the mini-batch of that call). At the end of each batch the mean of
@@ -194,8 +195,8 @@ def sfpo(
     use_switch = K > 0 and entropy_window is not None
     W = int(entropy_window) if use_switch else 0
     # A constant α = 1 keeps θ_K: the reposition is the identity, so nothing is stored or moved and a batch is
-    # exactly K+1 epochs of the inner optimizer (GRPO with K+1 epochs, the compute-matched baseline).
-    repositions = K > 0 and (callable(alpha) or alpha != 1)
+    # exactly K+1 epochs of the inner optimizer (GRPO with K+1 epochs, the compute-matched baseline), bit for bit.
+    repositions = K > 0 and not (isinstance(alpha, numbers.Real) and alpha == 1)  # a traced α may be anything
 
     def init_fn(params):
         return SFPOState(
@@ -205,7 +206,9 @@ def sfpo(
             active=jnp.asarray(K > 0),
             # A copy (not zeros) so that θ_s is the initial point even before the first call; jnp.copy keeps
             # each leaf's sharding.
-            slow_params=jax.tree.map(jnp.copy, params) if repositions else None,
+            # Kept whenever K > 0, so that the state's structure does not depend on α's value (a traced α may
+            # update a state built with a constant one).
+            slow_params=jax.tree.map(jnp.copy, params) if K > 0 else None,
             entropy_history=jnp.zeros([W], jnp.float32),
             entropy_count=jnp.zeros([], jnp.int32),
             entropy_sum=jnp.zeros([], jnp.float32),
