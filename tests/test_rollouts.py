@@ -14,8 +14,8 @@ from flax import nnx
 from sfpo_jax.models import from_pretrained, load_tokenizer
 from sfpo_jax.optim import sfpo
 from sfpo_jax.sampling import FinishReason
-from sfpo_jax.train import Position, TrainingPrompts, learner, load_config, make_learner, make_rollouts
-from sfpo_jax.train.rollouts import overlong_penalty
+from sfpo_jax.train import Position, TrainingPrompts, cli, learner, load_config, make_learner, make_rollouts
+from sfpo_jax.train.rollouts import ShortBatchError, overlong_penalty
 
 P, G = 4, 4
 
@@ -91,6 +91,8 @@ def test_a_short_batch_is_padded_with_empty_groups_or_refused(policy):
     with pytest.raises(RuntimeError, match=rf"only {kept} of rollout.prompts_per_step=4 groups had a signal after "
                                            r"rollout.max_generation_rounds=2 rounds"):
         error.next(params, Position(), jax.random.key(0))
+    # The CLI turns it into one line and exit 2 (a setting the user can change), like every user error.
+    assert issubclass(ShortBatchError, RuntimeError) and ShortBatchError in cli.USER_ERRORS
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])

@@ -20,10 +20,11 @@ from sfpo_jax.train.checks import RewardError
 from sfpo_jax.train.config import ConfigError
 from sfpo_jax.train.loop import NonFiniteError
 from sfpo_jax.train.preemption import Preempted
+from sfpo_jax.train.rollouts import ShortBatchError
 from sfpo_jax.train.run_dir import ResumeError
 
 TRACEBACK_ENV = "SFPO_TRACEBACK"
-USER_ERRORS = (ConfigError, ResumeError, RewardError, NonFiniteError, ValueError, OSError)
+USER_ERRORS = (ConfigError, ResumeError, RewardError, NonFiniteError, ShortBatchError, ValueError, OSError)
 _DISK_FULL = "No space left on device"
 
 

@@ -31,6 +31,11 @@ from sfpo_jax.train.metrics import PhaseTimer
 RewardFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 
 
+class ShortBatchError(RuntimeError):
+    """Group filtering kept fewer than ``prompts_per_step`` groups in ``max_generation_rounds`` rounds, with
+    ``rollout.short_batch=error``: a setting the user can change (the message names it)."""
+
+
 class Position(NamedTuple):
     """Where the rollout side stands: ``step`` learner batches produced, ``cursor`` prompts consumed from the data
     order (every consumed prompt was sampled ``group_size`` times: ``cursor · group_size`` rollouts so far)."""
@@ -136,7 +141,7 @@ class Rollouts:
         if not cfg.filter_groups:
             batch = rounds[0].batch
         elif len(kept) < cfg.prompts_per_step and cfg.short_batch == "error":
-            raise RuntimeError(
+            raise ShortBatchError(
                 f"step {position.step + 1}: only {len(kept)} of rollout.prompts_per_step={cfg.prompts_per_step} "
                 f"groups had a signal after rollout.max_generation_rounds={len(rounds)} rounds of "
                 f"{cfg.prompts_per_step} prompts (rollout.filter_metric={cfg.filter_metric!r}); raise "
